@@ -1,0 +1,28 @@
+"""distill-mixins: distill multi-step video diffusion teachers into 1-4 step students.
+
+Compose a method mixin before your own model class::
+
+    class MyDistill(KDMixin, MyVideo2WorldModel): ...
+    model = MyDistill(<host args>, distill=KDConfig())
+"""
+
+from distill_mixins.config import DistillConfig, EMAConfig, OptimizerConfig, TimeSamplerConfig
+from distill_mixins.contract import DenoiseAdapterMixin, DiffusionHost, FrameConditioning
+from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.trigflow import Denoised, TrigFlowMixin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenoiseAdapterMixin",
+    "Denoised",
+    "DiffusionHost",
+    "DistillBatch",
+    "DistillConfig",
+    "DistillationCoreMixin",
+    "EMAConfig",
+    "FrameConditioning",
+    "OptimizerConfig",
+    "TimeSamplerConfig",
+    "TrigFlowMixin",
+]

@@ -1,0 +1,178 @@
+"""The host contract: the one thing every distillation method depends on.
+
+A *host* is the user's own diffusion model class (an ``nn.Module``). The composed class
+``class MyDistill(DMD2Mixin, MyHost)`` is checked twice: when it is *created*
+(member functions present, mixins before the host in the bases) and when it is
+*constructed* (``net`` and the schedule attributes set and valid). Both raise a
+``TypeError`` that names the member and shows the fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+SCALINGS = ("edm", "rectified_flow", "trigflow")
+PREDICTION_TYPES = ("x0", "eps", "v", "velocity")
+
+
+@runtime_checkable
+class DiffusionHost(Protocol):
+    """What a host model provides (ARCHITECTURE.md, "The host contract")."""
+
+    net: nn.Module
+    """The trained teacher network. After composition ``net`` is the student."""
+    scaling: str
+    """Noise schedule: ``"edm"`` (x = x0 + sigma eps), ``"rectified_flow"`` (x = (1-tau) x0 + tau eps)
+    or ``"trigflow"`` (x = cos t x0 + sin t sigma_data eps)."""
+    prediction_type: str
+    """What ``predict`` returns: ``"x0"``, ``"eps"``, ``"v"`` (VP) or ``"velocity"`` (eps - x0)."""
+    sigma_data: float
+    """Data standard deviation of the schedule (EDM 0.5, rectified flow 1.0)."""
+
+    def predict(self, net: nn.Module, x: Tensor, time: Tensor, condition: Any) -> Tensor:
+        """Raw output of ``net`` in the native parameterization.
+
+        x: native state (B, C, T, H, W); time: native time (sigma, tau or t), shape (B,)
+        or per-frame (B, T) if ``supports_per_frame_time``; returns a tensor shaped like x.
+        """
+        ...
+
+    def get_data_and_condition(self, batch: Any) -> tuple[Tensor, Any, Any]:
+        """``(x0, condition, uncondition)``: latent video (B, C, T, H, W) and the CFG conditions."""
+        ...
+
+
+@runtime_checkable
+class FrameConditioning(Protocol):
+    """A Video2World condition: ground-truth frames the model is conditioned on.
+
+    gt_frames: (B, C, T, H, W) clean latents; frame_mask: (B, 1, T, 1, 1), 1 on given frames.
+    Conditions with these two attributes get the frames pasted into input and output.
+    """
+
+    gt_frames: Tensor
+    frame_mask: Tensor
+
+
+_MEMBER_HELP = {
+    "net": "an attribute `net: nn.Module`, the trained teacher network",
+    "predict": "a method `predict(net, x, time, condition) -> Tensor` returning the raw output of `net` "
+    "in the host's native parameterization",
+    "scaling": f"an attribute `scaling: str`, one of {', '.join(SCALINGS)}",
+    "prediction_type": f"an attribute `prediction_type: str`, one of {', '.join(PREDICTION_TYPES)}",
+    "sigma_data": "an attribute `sigma_data: float` > 0, the data std of the schedule (EDM 0.5, RF 1.0)",
+    "get_data_and_condition": "a method `get_data_and_condition(batch) -> (x0, condition, uncondition)` "
+    "with x0 a latent video (B, C, T, H, W)",
+}
+_METHODS = ("predict", "get_data_and_condition")
+_ATTRIBUTES = ("net", "scaling", "prediction_type", "sigma_data")
+
+
+def _missing_message(cls_name: str, member: str) -> str:
+    return (
+        f"{cls_name} does not satisfy the distill-mixins host contract: it lacks `{member}`. "
+        f"Add {_MEMBER_HELP[member]} to the host class, or to {cls_name} as a thin adapter. "
+        "See docs/host_contract.md."
+    )
+
+
+def _is_library_mixin(klass: type) -> bool:
+    from distill_mixins.trigflow import TrigFlowMixin
+
+    return issubclass(klass, TrigFlowMixin)
+
+
+def check_base_order(cls: type) -> None:
+    """Raise TypeError if a host class comes before a distillation mixin in ``cls``'s MRO."""
+    mro = [k for k in cls.__mro__ if k not in (object, Protocol) and k.__module__ != "typing"]
+    mixin_positions = [i for i, k in enumerate(mro) if _is_library_mixin(k)]
+    host_positions = [i for i, k in enumerate(mro) if not _is_library_mixin(k)]
+    if not host_positions or not mixin_positions or host_positions[0] > mixin_positions[-1]:
+        return
+    mixins = [b.__name__ for b in cls.__bases__ if _is_library_mixin(b)]
+    hosts = [b.__name__ for b in cls.__bases__ if not _is_library_mixin(b)]
+    raise TypeError(
+        f"class {cls.__name__}: the host class {mro[host_positions[0]].__name__} comes before the "
+        f"distillation mixin {mro[mixin_positions[-1]].__name__} in the method resolution order, so the "
+        f"host's methods would override the mixin's. List the mixins first: "
+        f"class {cls.__name__}({', '.join(mixins + hosts)}): ..."
+    )
+
+
+def check_host_class(cls: type) -> None:
+    """Checks at class creation: base order, and the contract's methods with their arity."""
+    check_base_order(cls)
+    for name in _METHODS:
+        member = inspect.getattr_static(cls, name, None)
+        if member is None or not callable(getattr(cls, name)):
+            raise TypeError(_missing_message(cls.__name__, name))
+        if getattr(cls, name).__qualname__ == f"DiffusionHost.{name}":  # the Protocol's own stub
+            raise TypeError(_missing_message(cls.__name__, name))
+    params = inspect.signature(cls.predict).parameters
+    if len(params) < 5 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+        raise TypeError(
+            f"{cls.__name__}.predict{inspect.signature(cls.predict)} must take "
+            "(self, net, x, time, condition): the network to run is passed in, so the mixin can run "
+            "the teacher, the student and the critic through the same host code."
+        )
+
+
+def check_host_instance(obj: Any) -> None:
+    """Checks at construction: every contract member present with a valid value."""
+    name = type(obj).__name__
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module: compose the mixin with a host nn.Module subclass.")
+    for member in _ATTRIBUTES:
+        if not hasattr(obj, member):
+            raise TypeError(
+                _missing_message(name, member) + " (set it in the host's __init__ before the mixin's runs)."
+            )
+    if not isinstance(obj.net, nn.Module):
+        raise TypeError(f"{name}.net must be an nn.Module, got {type(obj.net).__name__}.")
+    if obj.scaling not in SCALINGS:
+        raise TypeError(f"{name}.scaling={obj.scaling!r} is not supported; use one of {', '.join(SCALINGS)}.")
+    if obj.prediction_type not in PREDICTION_TYPES:
+        raise TypeError(
+            f"{name}.prediction_type={obj.prediction_type!r} is not supported; "
+            f"use one of {', '.join(PREDICTION_TYPES)}."
+        )
+    sigma = obj.sigma_data
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise TypeError(f"{name}.sigma_data={sigma!r} must be a float > 0 (EDM 0.5, rectified flow 1.0).")
+
+
+class DenoiseAdapterMixin:
+    """Adapter for Cosmos-style hosts that only have ``denoise(x_t, sigma, condition)`` using ``self.net``.
+
+    Supplies ``predict(net, x, time, condition)`` by running the host's ``denoise`` with
+    ``self.net`` temporarily bound to ``net``, and declares ``prediction_type = "x0"``. The
+    host's output is read as x0 directly or from its ``x0`` attribute (Cosmos'
+    ``DenoisePrediction``). List it after the method mixin, before the host:
+    ``class MyDistill(DMD2Mixin, DenoiseAdapterMixin, CosmosModel)``. A native ``predict``
+    is preferred: this adapter swaps a submodule for the call and is not thread-safe.
+    """
+
+    prediction_type = "x0"
+
+    def predict(self, net: nn.Module, x: Tensor, time: Tensor, condition: Any) -> Tensor:
+        """x0 of ``net`` at native state x (B, C, T, H, W) and native time (B,), via ``self.denoise``."""
+        with bind_net(self, net):
+            out = self.denoise(x, time, condition)  # type: ignore[attr-defined]
+        return out if isinstance(out, torch.Tensor) else out.x0
+
+
+@contextmanager
+def bind_net(module: nn.Module, net: nn.Module) -> Iterator[None]:
+    """Temporarily make ``module.net`` refer to ``net`` (restored even on error)."""
+    original = module._modules["net"]
+    module._modules["net"] = net
+    try:
+        yield
+    finally:
+        module._modules["net"] = original

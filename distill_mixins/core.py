@@ -1,0 +1,354 @@
+"""DistillationCoreMixin: what every distillation method shares (ARCHITECTURE.md, "Core").
+
+Networks after construction: ``net`` (student), ``net_teacher`` (frozen teacher),
+``net_fake_score`` (critic, methods with ``uses_critic``), ``net_ema`` (EMA of the student).
+Phases: a student phase trains ``net``; a critic phase trains the critic-phase networks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from distill_mixins.config import DistillConfig, NetworkSpec, OptimizerConfig
+from distill_mixins.contract import check_host_class, check_host_instance
+from distill_mixins.sampling import SAMPLERS, Denoiser, guided_x0, sample_student, time_grid
+from distill_mixins.trigflow import TrigFlowMixin, max_time, student_schedule
+
+TEACHER_PREFIX = "net_teacher."
+
+
+@dataclass
+class DistillBatch:
+    """A batch prepared once per step: x0 (B, C, T, H, W), both CFG conditions, and the raw batch."""
+
+    x0: Tensor
+    condition: Any
+    uncondition: Any
+    raw: Any
+
+
+def _is_composed(cls: type) -> bool:
+    """True when ``cls`` combines a library mixin with a host class."""
+    return any(
+        not issubclass(k, TrigFlowMixin) and k is not object and k.__module__ != "typing" for k in cls.__mro__
+    )
+
+
+def _instantiate(spec: NetworkSpec, teacher: nn.Module, field_name: str) -> nn.Module:
+    """A trainable network from a config spec: a copy of the teacher, a module, or a factory's result."""
+    if spec is None:
+        net = copy.deepcopy(teacher)
+    elif isinstance(spec, nn.Module):
+        net = spec
+    else:
+        net = spec()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"{field_name} factory returned {type(net).__name__}, not an nn.Module.")
+    if net is teacher:
+        raise ValueError(f"{field_name} is the teacher network itself; pass a separate module or None.")
+    return net.requires_grad_(True).train()
+
+
+def build_optimizer(net: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config`` over all of ``net``'s parameters."""
+    params = list(net.parameters())
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.betas[0], weight_decay=config.weight_decay)
+    klass = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return klass(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``config.warmup_iters`` steps, then constant."""
+    warmup = config.warmup_iters
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+
+
+class DistillationCoreMixin(TrigFlowMixin):
+    """Student/critic/EMA construction, phases, optimizers, EMA and sampling for every method.
+
+    Compose a method mixin (which subclasses this) before the host:
+    ``class MyDistill(KDMixin, MyHost)``; construct with ``MyDistill(<host args>, distill=KDConfig())``.
+    """
+
+    config_class: ClassVar[type[DistillConfig]] = DistillConfig
+    uses_critic: ClassVar[bool] = False
+    student_phase_networks: ClassVar[tuple[str, ...]] = ("net",)
+    critic_phase_networks: ClassVar[tuple[str, ...]] = ("net_fake_score", "net_discriminator")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if _is_composed(cls):
+            check_host_class(cls)
+
+    def __init__(self, *args: Any, distill: DistillConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_host_instance(self)
+        config = self.config_class() if distill is None else distill
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__}(distill=...) needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}."
+            )
+        if not self.uses_critic and config.student_update_freq != 1:
+            raise ValueError(
+                f"{type(config).__name__}.student_update_freq={config.student_update_freq}: this method has "
+                "no critic phase, so every iteration is a student phase; use 1."
+            )
+        self.distill_config = config
+        self.conditional_sigma = config.conditional_sigma
+        self._build_networks(config)
+        self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+        self._schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None
+        self.nonfinite_grad_counts = dict.fromkeys(self.trainable_networks(), 0)
+
+    # ------------------------------------------------------------------ networks
+
+    def _build_networks(self, config: DistillConfig) -> None:
+        teacher = self.net
+        self.net_teacher = teacher.requires_grad_(False).eval()
+        self.net = _instantiate(config.student_net, teacher, "student_net")
+        if self.uses_critic:
+            self.net_fake_score = _instantiate(config.critic_net, teacher, "critic_net")
+        if config.ema is not None:
+            self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+            self.register_buffer("ema_num_updates", torch.zeros((), dtype=torch.long))
+
+    def trainable_networks(self) -> dict[str, nn.Module]:
+        """Every network an optimizer trains, by attribute name (never the teacher or the EMA)."""
+        names = self.student_phase_networks + self.critic_phase_networks
+        return {name: self._modules[name] for name in names if name in self._modules}
+
+    def phase_networks(self, student_phase: bool) -> dict[str, nn.Module]:
+        """The networks trained in a student phase, or in a critic phase."""
+        names = self.student_phase_networks if student_phase else self.critic_phase_networks
+        return {name: net for name, net in self.trainable_networks().items() if name in names}
+
+    def set_phase(self, student_phase: bool) -> None:
+        """Per-phase freezing: the phase's networks get gradients and train mode, the others neither."""
+        trained = self.phase_networks(student_phase)
+        for name, net in self.trainable_networks().items():
+            net.requires_grad_(name in trained)
+            net.train(self.training and name in trained)
+
+    def train(self, mode: bool = True) -> DistillationCoreMixin:
+        """Like nn.Module.train, but the teacher and the EMA stay in eval mode."""
+        super().train(mode)  # type: ignore[misc]
+        self.net_teacher.eval()
+        if "net_ema" in self._modules:
+            self.net_ema.eval()
+        return self
+
+    # -------------------------------------------------------------------- phases
+
+    def is_student_phase(self, iteration: int) -> bool:
+        """Student phase when ``iteration < warmup_student_iters`` or ``iteration % student_update_freq == 0``."""
+        config = self.distill_config
+        return iteration < config.warmup_student_iters or iteration % config.student_update_freq == 0
+
+    def optimizer_config(self, name: str) -> OptimizerConfig:
+        """Optimizer settings of the network ``name`` (student or critic side)."""
+        config = self.distill_config
+        return config.student_optimizer if name in self.student_phase_networks else config.critic_optimizer
+
+    def _ensure_optimizers(self) -> None:
+        # Built on first use, so parallelism applied after construction (FSDP) is seen by the optimizers.
+        if self._optimizers is None:
+            nets = self.trainable_networks()
+            self._optimizers = {name: build_optimizer(net, self.optimizer_config(name)) for name, net in nets.items()}
+            self._schedulers = {
+                name: build_scheduler(opt, self.optimizer_config(name)) for name, opt in self._optimizers.items()
+            }
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer by network name (for checkpointing)."""
+        self._ensure_optimizers()
+        assert self._optimizers is not None
+        return self._optimizers
+
+    def lr_schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Every learning-rate scheduler by network name (for checkpointing)."""
+        self._ensure_optimizers()
+        assert self._schedulers is not None
+        return self._schedulers
+
+    def get_optimizers(self, iteration: int) -> list[torch.optim.Optimizer]:
+        """Only the optimizers of the networks trained at ``iteration``'s phase."""
+        names = self.phase_networks(self.is_student_phase(iteration))
+        return [opt for name, opt in self.optimizers().items() if name in names]
+
+    def get_lr_schedulers(self, iteration: int) -> list[torch.optim.lr_scheduler.LRScheduler]:
+        """Only the schedulers of the networks trained at ``iteration``'s phase."""
+        names = self.phase_networks(self.is_student_phase(iteration))
+        return [sched for name, sched in self.lr_schedulers().items() if name in names]
+
+    # ------------------------------------------------------------ training step
+
+    def prepare_data(self, batch: Any) -> DistillBatch:
+        """Run the host's ``get_data_and_condition`` once per step."""
+        x0, condition, uncondition = self.get_data_and_condition(batch)  # type: ignore[attr-defined]
+        return DistillBatch(x0=x0, condition=condition, uncondition=uncondition, raw=batch)
+
+    def training_step(self, batch: Any, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        """One step of the phase of ``iteration``: ``(output_dict, loss)``, like the host's own step."""
+        student_phase = self.is_student_phase(iteration)
+        self.set_phase(student_phase)
+        data = self.prepare_data(batch)
+        if student_phase:
+            return self.training_step_generator(data, iteration)
+        return self.training_step_critic(data, iteration)
+
+    def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        """The method's student loss; method mixins implement it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} composes DistillationCoreMixin without a method: use a method mixin "
+            "(e.g. KDMixin, DMD2Mixin) that implements training_step_generator."
+        )
+
+    def training_step_critic(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        """The method's critic loss; methods with ``uses_critic`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__}'s method has no critic phase.")
+
+    # ---------------------------------------------------------- optimizer step
+
+    def clip_gradients(self, iteration: int) -> dict[str, float]:
+        """Per-network gradient norm clipping of the current phase; non-finite gradients are zeroed
+        and counted in ``nonfinite_grad_counts``. Returns each network's norm before clipping."""
+        norms = {}
+        for name, net in self.phase_networks(self.is_student_phase(iteration)).items():
+            grads = [p for p in net.parameters() if p.grad is not None]
+            if not grads:
+                continue
+            max_norm = self.optimizer_config(name).grad_clip
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else math.inf)
+            if not torch.isfinite(norm):
+                for p in grads:
+                    p.grad.zero_()
+                self.nonfinite_grad_counts[name] += 1
+            norms[name] = float(norm)
+        return norms
+
+    def optimizer_step(self, iteration: int) -> dict[str, float]:
+        """Clip, step and zero this phase's optimizers, step their schedulers, update the EMA.
+
+        Returns the gradient norms of :meth:`clip_gradients`.
+        """
+        norms = self.clip_gradients(iteration)
+        for opt in self.get_optimizers(iteration):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for sched in self.get_lr_schedulers(iteration):
+            sched.step()
+        self.update_ema(iteration)
+        return norms
+
+    @torch.no_grad()
+    def update_ema(self, iteration: int) -> None:
+        """Move ``net_ema`` toward the student; a no-op without EMA or outside student phases."""
+        config = self.distill_config.ema
+        if config is None or not self.is_student_phase(iteration):
+            return
+        self.ema_num_updates += 1
+        beta = 0.0 if iteration < config.start_iter else config.beta(int(self.ema_num_updates))
+        for p_ema, p in zip(self.net_ema.parameters(), self.net.parameters(), strict=True):
+            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
+        for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------------ sampling
+
+    def student_times(self) -> Tensor:
+        """Descending TrigFlow times of the student's sampler (float64, (steps,))."""
+        config = self.distill_config
+        return student_schedule(
+            config.student_schedule, self.scaling, self.sigma_data, shift=config.student_shift,
+            sigma_max=config.sigma_max,
+        )
+
+    def guided_denoiser(self, net: nn.Module, condition: Any, uncondition: Any = None, w: float = 1.0) -> Denoiser:
+        """``(x_t, t) -> x0`` of ``net`` with CFG ``x0_u + w (x0_c - x0_u)``; w = 1 runs only the conditional."""
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            x0_c = self.denoise(net, x_t, t, condition).x0
+            if w == 1.0:
+                return x0_c
+            if uncondition is None:
+                raise ValueError(f"guidance w={w} needs an uncondition (or a negative condition).")
+            return guided_x0(x0_c, self.denoise(net, x_t, t, uncondition).x0, w)
+
+        return denoise
+
+    @torch.no_grad()
+    def generate(
+        self, condition: Any, noise: Tensor, *, schedule: str | tuple[float, ...] | None = None,
+        use_ema: bool = False, generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Few-step student samples x0 (B, C, T, H, W) from unit-normal ``noise`` (B, C, T, H, W).
+
+        ``schedule`` overrides the config's student schedule; ``use_ema`` samples ``net_ema``.
+        """
+        if use_ema and "net_ema" not in self._modules:
+            raise ValueError("generate(use_ema=True) needs EMA: set DistillConfig.ema=EMAConfig(...).")
+        net = self.net_ema if use_ema else self.net
+        config = self.distill_config
+        ts = self.student_times() if schedule is None else student_schedule(
+            schedule, self.scaling, self.sigma_data, shift=config.student_shift, sigma_max=config.sigma_max
+        )
+        return sample_student(
+            self.guided_denoiser(net, condition), noise, ts, sigma_data=self.sigma_data, generator=generator,
+            renoise=config.renoise,
+        )
+
+    @torch.no_grad()
+    def generate_teacher(
+        self, condition: Any, noise: Tensor, *, uncondition: Any = None, guidance: float = 1.0,
+        steps: int = 36, sampler: str = "heun", grid: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Teacher ODE samples x0 (B, C, T, H, W): ``steps`` Euler/Heun steps, CFG ``w = guidance``.
+
+        The default grid is EDM's Karras grid for EDM hosts, uniform rectified-flow time otherwise.
+        Pass a negative condition as ``uncondition``.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is not known; choose one of {', '.join(SAMPLERS)}.")
+        if grid is None:
+            kind = "karras" if self.scaling == "edm" else "shifted_rf"
+            t_max = max_time(self.scaling, self.sigma_data, self.distill_config.sigma_max)
+            grid = time_grid(steps, kind, self.sigma_data, sigma_max=self.distill_config.sigma_max, t_max=t_max)
+        denoise = self.guided_denoiser(self.net_teacher, condition, uncondition, guidance)
+        return SAMPLERS[sampler](denoise, noise, grid, sigma_data=self.sigma_data, generator=generator)
+
+    # --------------------------------------------------------------- state dict
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """nn.Module.state_dict without the teacher (it is never saved)."""
+        state = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "") + TEACHER_PREFIX
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module.load_state_dict that expects no teacher keys and leaves the teacher untouched."""
+        teacher_keys = [k for k in state_dict if k.startswith(TEACHER_PREFIX)]
+        if teacher_keys:
+            raise ValueError(
+                f"state dict holds teacher weights ({teacher_keys[0]}, ...): the teacher comes from the host, "
+                "never from a distillation checkpoint. Drop the 'net_teacher.' keys."
+            )
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
+        result.missing_keys[:] = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error loading state dict into {type(self).__name__}: missing keys {result.missing_keys}, "
+                f"unexpected keys {result.unexpected_keys}."
+            )
+        return result

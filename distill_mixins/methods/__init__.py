@@ -1,0 +1,1 @@
+"""Distillation methods, one per file (KD, DMD2, ... land with their issues)."""

@@ -1,0 +1,133 @@
+"""Samplers in TrigFlow time, all with one signature (k-diffusion style).
+
+``sampler(denoise, noise, ts, *, sigma_data, generator=None) -> x0``
+
+- ``denoise(x_t, t) -> x0``: x_t (B, C, T, H, W), t (B,) float64 TrigFlow time.
+- ``noise``: unit normal (B, C, T, H, W); the start state is ``sigma_d sin(ts[0]) noise``
+  (pure noise ``z`` at ``t = pi/2``; ``sigma_max eps`` in EDM units below it).
+- ``ts``: descending TrigFlow times (float64). ODE samplers integrate
+  ``dx_t/dt = (cos t x_t - x0) / sin t = sigma_d F`` (Lu & Song 2024) to ``ts[-1]``
+  (use a grid ending at 0); the student sampler denoises at each time.
+- ``generator``: the only source of randomness (used by the student's re-noising).
+
+Classifier-free guidance uses one form everywhere (MATH.md section 2):
+``x0_cfg = x0_u + w (x0_c - x0_u)``; ``w = 1`` is the conditional model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from distill_mixins.config import check_choice
+from distill_mixins.trigflow import add_noise, native_to_trigflow_time
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+GRIDS = ("karras", "shifted_rf", "uniform")
+
+
+def guided_x0(x0_cond: Tensor, x0_uncond: Tensor, w: float) -> Tensor:
+    """Classifier-free guidance in the standard form ``x0_u + w (x0_c - x0_u)``."""
+    return x0_uncond + w * (x0_cond - x0_uncond)
+
+
+def cosmos_guidance_to_w(teacher_guidance: float) -> float:
+    """Cosmos ``teacher_guidance = g`` computes ``x0_c + g (x0_c - x0_u)``: ``w = g + 1``."""
+    return teacher_guidance + 1.0
+
+
+def fastgen_guidance_to_w(guidance_scale: float) -> float:
+    """FastGen / DMD2 ``guidance_scale = g`` computes ``x0_c + (g - 1)(x0_c - x0_u)``: ``w = g``."""
+    return float(guidance_scale)
+
+
+def time_grid(
+    steps: int, kind: str, sigma_data: float, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+    rho: float = 7.0, shift: float = 1.0, t_max: float = math.pi / 2,
+) -> Tensor:
+    """``steps + 1`` descending TrigFlow times ending at 0 (float64).
+
+    ``karras``: EDM's rho-spaced sigmas from sigma_max to sigma_min (Karras et al. 2022);
+    ``shifted_rf``: rectified-flow tau uniform on (1, 0], shifted; ``uniform``: uniform in t.
+    """
+    check_choice("time_grid", "kind", kind, GRIDS)
+    if steps < 1:
+        raise ValueError(f"time_grid steps={steps} must be >= 1.")
+    i = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+    if kind == "karras":
+        inv = sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+        t = native_to_trigflow_time(inv**rho, "edm", sigma_data)
+    elif kind == "shifted_rf":
+        u = 1.0 - torch.arange(steps, dtype=torch.float64) / steps
+        tau = shift * u / (1.0 + (shift - 1.0) * u)
+        t = native_to_trigflow_time(tau, "rectified_flow", sigma_data)
+    else:
+        t = t_max * (1.0 - torch.arange(steps, dtype=torch.float64) / steps)
+    return torch.cat([t.clamp(max=t_max), torch.zeros(1, dtype=torch.float64)])
+
+
+def initial_state(noise: Tensor, t0: Tensor, sigma_data: float) -> Tensor:
+    """Start state ``sigma_d sin(t0) noise`` (B, ...)."""
+    return (sigma_data * math.sin(float(t0)) * noise.double()).to(noise.dtype)
+
+
+def _velocity(denoise: Denoiser, x: Tensor, t: float) -> Tensor:
+    """``dx_t/dt = (cos t x_t - x0) / sin t``."""
+    tb = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+    x0 = denoise(x, tb)
+    return (math.cos(t) * x - x0) / math.sin(t)
+
+
+def sample_euler(
+    denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Euler steps of the probability-flow ODE in TrigFlow time; returns the state at ``ts[-1]``."""
+    x = initial_state(noise, ts[0], sigma_data)
+    for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+        x = x + (s - t) * _velocity(denoise, x, t)
+    return x
+
+
+def sample_heun(
+    denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Heun (2nd order) steps in TrigFlow time; the step to ``t = 0`` is Euler (as EDM's sampler)."""
+    x = initial_state(noise, ts[0], sigma_data)
+    for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+        d = _velocity(denoise, x, t)
+        x_next = x + (s - t) * d
+        if s > 0:
+            x_next = x + (s - t) * 0.5 * (d + _velocity(denoise, x_next, s))
+        x = x_next
+    return x
+
+
+def sample_student(
+    denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float,
+    generator: torch.Generator | None = None, renoise: str = "fresh",
+) -> Tensor:
+    """Few-step student sampling: denoise at each ``t_k``, re-noise to ``t_{k+1}``; returns x0.
+
+    ``renoise="fresh"`` draws new noise each step (FastGen 'sde', the default, matching DMD2's
+    backward simulation); ``"initial"`` reuses ``noise`` (Cosmos).
+    """
+    check_choice("sample_student", "renoise", renoise, ("fresh", "initial"))
+    x = initial_state(noise, ts[0], sigma_data)
+    x0 = x
+    times = ts.tolist()
+    for k, t in enumerate(times):
+        x0 = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
+        if k + 1 < len(times):
+            eps = noise if renoise == "initial" else _randn_like(noise, generator)
+            x = add_noise(x0, eps, torch.tensor(times[k + 1], dtype=torch.float64), sigma_data)
+    return x0
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": sample_euler, "heun": sample_heun}

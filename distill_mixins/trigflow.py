@@ -1,0 +1,303 @@
+"""TrigFlow parameterization (Lu & Song 2024, arXiv 2410.11081) and exact conversions.
+
+TrigFlow state: ``x_t = cos(t) x0 + sin(t) sigma_d eps``, ``t in [0, pi/2]``. Every
+host schedule writes its native state as ``x = k(t) x_t = a x0 + b eps`` with
+``a = k cos t`` and ``b = k sigma_d sin t``:
+
+=================  ==========================  ===============================
+scaling            native time                 k(t)
+=================  ==========================  ===============================
+``edm``            ``sigma = sigma_d tan t``    ``1 / cos t``
+``rectified_flow`` ``tau = sigma / (1+sigma)``  ``1 / (cos t + sigma_d sin t)``
+``trigflow``       ``t``                        ``1``
+=================  ==========================  ===============================
+
+Prediction types (``eps`` is unit normal): ``x0``; ``eps``; ``velocity`` = ``eps - x0``
+(flow matching); ``v`` = ``alpha eps - s x0`` with ``(alpha, s) = (a, b) / sqrt(a^2 + b^2)``
+(the VP v-prediction; equals MATH.md's form for TrigFlow with sigma_d = 1).
+All coefficients are computed in float64 (MATH.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill_mixins.config import TimeSamplerConfig, check_choice
+from distill_mixins.contract import PREDICTION_TYPES, SCALINGS, FrameConditioning
+
+HALF_PI = math.pi / 2
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def _f64(t: Tensor | float) -> Tensor:
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+def trigflow_to_native_time(t: Tensor, scaling: str, sigma_data: float) -> Tensor:
+    """TrigFlow time ``t`` -> native time (EDM sigma, rectified-flow tau, or t), float64."""
+    check_choice("trigflow", "scaling", scaling, SCALINGS)
+    t = _f64(t)
+    if scaling == "edm":
+        return sigma_data * torch.tan(t)
+    if scaling == "rectified_flow":
+        s = sigma_data * torch.sin(t)
+        return s / (torch.cos(t) + s)
+    return t
+
+
+def native_to_trigflow_time(time: Tensor, scaling: str, sigma_data: float) -> Tensor:
+    """Native time (EDM sigma, rectified-flow tau, or t) -> TrigFlow ``t``, float64."""
+    check_choice("trigflow", "scaling", scaling, SCALINGS)
+    time = _f64(time)
+    if scaling == "edm":
+        return torch.atan2(time, torch.full_like(time, sigma_data))
+    if scaling == "rectified_flow":
+        return torch.atan2(time, sigma_data * (1.0 - time))  # sigma = tau / (1 - tau)
+    return time
+
+
+def native_scale(t: Tensor, scaling: str, sigma_data: float) -> Tensor:
+    """``k(t)`` with ``x_native = k(t) x_t`` (float64)."""
+    check_choice("trigflow", "scaling", scaling, SCALINGS)
+    t = _f64(t)
+    if scaling == "edm":
+        return 1.0 / torch.cos(t)
+    if scaling == "rectified_flow":
+        return 1.0 / (torch.cos(t) + sigma_data * torch.sin(t))
+    return torch.ones_like(t)
+
+
+def native_coefficients(t: Tensor, scaling: str, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``x_native = a x0 + b eps`` at TrigFlow time ``t`` (float64)."""
+    t = _f64(t)
+    k = native_scale(t, scaling, sigma_data)
+    return k * torch.cos(t), k * sigma_data * torch.sin(t)
+
+
+def expand_time(t: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a time of shape (B,), per-frame (B, T) or x's shape against x (B, C, T, H, W)."""
+    if t.ndim == 0:
+        return t
+    if t.shape == x.shape:
+        return t
+    if t.ndim == 1 and t.shape[0] == x.shape[0]:
+        return t.reshape(-1, *([1] * (x.ndim - 1)))
+    if t.ndim == 2 and x.ndim == 5 and t.shape == (x.shape[0], x.shape[2]):
+        return t[:, None, :, None, None]
+    raise ValueError(
+        f"time of shape {tuple(t.shape)} does not fit a state of shape {tuple(x.shape)}: "
+        "give (B,), per-frame (B, T) for (B, C, T, H, W) states, or the state's shape."
+    )
+
+
+# ---------------------------------------------------------------------------- state
+
+
+def _scaled(x: Tensor, coeff: Tensor) -> Tensor:
+    """``coeff * x`` computed in float64, returned in x's dtype."""
+    return (expand_time(coeff, x).to(x.device) * x.double()).to(x.dtype)
+
+
+def trigflow_to_native_state(x_t: Tensor, t: Tensor, scaling: str, sigma_data: float) -> Tensor:
+    """TrigFlow state ``x_t`` (B, ...) -> native state ``x = k(t) x_t``."""
+    return _scaled(x_t, native_scale(t, scaling, sigma_data))
+
+
+def native_to_trigflow_state(x: Tensor, t: Tensor, scaling: str, sigma_data: float) -> Tensor:
+    """Native state ``x`` (B, ...) at TrigFlow time ``t`` -> ``x_t = x / k(t)``."""
+    return _scaled(x, 1.0 / native_scale(t, scaling, sigma_data))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def native_output_to_x0(
+    out: Tensor, x: Tensor, t: Tensor, scaling: str, prediction_type: str, sigma_data: float
+) -> Tensor:
+    """Host output ``out`` on native state ``x`` at TrigFlow time ``t`` -> ``x0`` (x's dtype)."""
+    check_choice("trigflow", "prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "x0":
+        return out.to(x.dtype)
+    a, b = native_coefficients(t, scaling, sigma_data)
+    a, b = expand_time(a, x).to(x.device), expand_time(b, x).to(x.device)
+    xd, od = x.double(), out.double()
+    if prediction_type == "eps":
+        x0 = (xd - b * od) / a
+    elif prediction_type == "velocity":
+        x0 = (xd - b * od) / (a + b)
+    else:
+        r2 = a * a + b * b
+        x0 = a * xd / r2 - b * od / r2.sqrt()
+    return x0.to(x.dtype)
+
+
+def x0_to_native_output(
+    x0: Tensor, x: Tensor, t: Tensor, scaling: str, prediction_type: str, sigma_data: float
+) -> Tensor:
+    """Inverse of :func:`native_output_to_x0`: the native output that denotes ``x0``."""
+    check_choice("trigflow", "prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "x0":
+        return x0.to(x.dtype)
+    a, b = native_coefficients(t, scaling, sigma_data)
+    a, b = expand_time(a, x).to(x.device), expand_time(b, x).to(x.device)
+    xd, x0d = x.double(), x0.double()
+    if prediction_type == "eps":
+        out = (xd - a * x0d) / b
+    elif prediction_type == "velocity":
+        out = (xd - (a + b) * x0d) / b
+    else:
+        r2 = a * a + b * b
+        out = (a * xd / r2 - x0d) * r2.sqrt() / b
+    return out.to(x.dtype)
+
+
+def x0_to_F(x0: Tensor, x_t: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+    """TrigFlow velocity ``F = (cos t x_t - x0) / (sigma_d sin t)`` (sCM eq. for x0_hat)."""
+    te = expand_time(_f64(t), x_t).to(x_t.device)
+    return ((torch.cos(te) * x_t.double() - x0.double()) / (sigma_data * torch.sin(te))).to(x_t.dtype)
+
+
+def F_to_x0(F: Tensor, x_t: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+    """``x0 = cos t x_t - sin t sigma_d F``."""
+    te = expand_time(_f64(t), x_t).to(x_t.device)
+    return (torch.cos(te) * x_t.double() - torch.sin(te) * sigma_data * F.double()).to(x_t.dtype)
+
+
+def add_noise(x0: Tensor, eps: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+    """``x_t = cos t x0 + sin t sigma_d eps`` for unit-normal ``eps``."""
+    te = expand_time(_f64(t), x0).to(x0.device)
+    return (torch.cos(te) * x0.double() + torch.sin(te) * sigma_data * eps.double()).to(x0.dtype)
+
+
+# --------------------------------------------------------------------- time samplers
+
+
+def sample_time(
+    n: int, config: TimeSamplerConfig, sigma_data: float, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Draw ``n`` TrigFlow times (float64, shape (n,)) from ``config`` (see TimeSamplerConfig)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    if config.kind == "uniform":
+        u = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
+        t = config.t_min + (config.t_max - config.t_min) * u
+    elif config.kind == "shifted_uniform":
+        u = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
+        tau = config.shift * u / (1.0 + (config.shift - 1.0) * u)
+        t = native_to_trigflow_time(tau, "rectified_flow", sigma_data)
+    else:
+        z = torch.randn(n, dtype=torch.float64, generator=generator, device=device)
+        if config.kind == "lognormal":
+            t = native_to_trigflow_time(torch.exp(config.p_mean + config.p_std * z), "edm", sigma_data)
+        else:
+            tau = torch.sigmoid(config.p_mean + config.p_std * z)
+            t = native_to_trigflow_time(tau, "rectified_flow", sigma_data)
+    return t.clamp(config.t_min, config.t_max)
+
+
+# ------------------------------------------------------------------ student schedules
+
+
+def max_time(scaling: str, sigma_data: float, sigma_max: float) -> float:
+    """Largest usable TrigFlow time: pi/2, or ``atan(sigma_max / sigma_d)`` for EDM hosts."""
+    return math.atan2(sigma_max, sigma_data) if scaling == "edm" else HALF_PI
+
+
+def shifted_rf_schedule(steps: int, shift: float, sigma_data: float) -> Tensor:
+    """RF times ``1, (steps-1)/steps, ..., 1/steps`` shifted by ``shift``, as TrigFlow t (float64).
+
+    ``shifted_rf_schedule(4, 5, 1)`` is Cosmos-Predict2.5's ``[pi/2, atan 15, atan 5, atan 5/3]``.
+    """
+    u = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+    tau = shift * u / (1.0 + (shift - 1.0) * u)
+    return native_to_trigflow_time(tau, "rectified_flow", sigma_data)
+
+
+def student_schedule(
+    spec: str | tuple[float, ...], scaling: str, sigma_data: float, *, shift: float = 5.0,
+    sigma_max: float = 80.0,
+) -> Tensor:
+    """Descending TrigFlow times of the student's sampler (float64, shape (steps,)).
+
+    ``one_step``: ``[t_max]``; ``cosmos_4step``: :func:`shifted_rf_schedule` (4, shift);
+    a tuple is used as given. Times above the host's ``t_max`` (EDM) are clamped to it.
+    """
+    t_max = max_time(scaling, sigma_data, sigma_max)
+    if spec == "one_step":
+        ts = torch.tensor([t_max], dtype=torch.float64)
+    elif spec == "cosmos_4step":
+        ts = shifted_rf_schedule(4, shift, 1.0)
+    elif isinstance(spec, str):
+        raise ValueError(f"student schedule {spec!r} is not known; use 'one_step', 'cosmos_4step' or times.")
+    else:
+        ts = torch.tensor(spec, dtype=torch.float64)
+    return ts.clamp(max=t_max)
+
+
+# ------------------------------------------------------------------------- the mixin
+
+
+@dataclass
+class Denoised:
+    """Output of :meth:`TrigFlowMixin.denoise`: ``x0`` and TrigFlow velocity ``F``, (B, C, T, H, W)."""
+
+    x0: Tensor
+    F: Tensor
+
+
+class TrigFlowMixin:
+    """Calls the host's ``predict`` in its native schedule and returns TrigFlow ``x0`` and ``F``.
+
+    Depends only on the host contract (``predict``, ``scaling``, ``prediction_type``,
+    ``sigma_data``); the optional ``supports_per_frame_time`` lets Video2World
+    conditioning frames carry their own (near-zero) noise level.
+    """
+
+    scaling: str
+    prediction_type: str
+    sigma_data: float
+    supports_per_frame_time: bool = False
+    conditional_sigma: float = 1e-4
+    """EDM sigma given to ground-truth frames of a Video2World condition (Cosmos: 1e-4)."""
+
+    predict: Callable[[nn.Module, Tensor, Tensor, Any], Tensor]  # from the host (contract.DiffusionHost)
+
+    def denoise(self, net: nn.Module, x_t: Tensor, t: Tensor, condition: Any) -> Denoised:
+        """x0 and F of ``net`` at TrigFlow state ``x_t`` (B, C, T, H, W) and time ``t`` (B,) or scalar.
+
+        If ``condition`` has ground-truth frames (:class:`FrameConditioning`), they are pasted
+        into the input at noise level ``conditional_sigma`` and into the output x0.
+        """
+        t = _f64(t).to(x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        x = trigflow_to_native_state(x_t, t, self.scaling, self.sigma_data)
+        time = trigflow_to_native_time(t, self.scaling, self.sigma_data)
+        frames = condition if isinstance(condition, FrameConditioning) else None
+        if frames is not None:
+            x, time = self._paste_condition_input(x, time, frames)
+        out = self.predict(net, x, time.to(torch.promote_types(x.dtype, torch.float32)), condition)
+        x0 = native_output_to_x0(out, x, t, self.scaling, self.prediction_type, self.sigma_data)
+        if frames is not None:
+            mask = frames.frame_mask.to(x0.dtype)
+            x0 = mask * frames.gt_frames.to(x0.dtype) + (1 - mask) * x0
+        return Denoised(x0=x0, F=x0_to_F(x0, x_t, t, self.sigma_data))
+
+    def _paste_condition_input(self, x: Tensor, time: Tensor, frames: Any) -> tuple[Tensor, Tensor]:
+        """Native input with ground-truth frames at the conditional noise level (B, C, T, H, W)."""
+        t_c = native_to_trigflow_time(_f64(self.conditional_sigma), "edm", self.sigma_data).to(x.device)
+        a_c, _ = native_coefficients(t_c, self.scaling, self.sigma_data)
+        mask = frames.frame_mask.to(x.dtype)
+        x = mask * (a_c.item() * frames.gt_frames.to(x.dtype)) + (1 - mask) * x
+        if self.supports_per_frame_time and time.ndim == 1:
+            frame_mask = mask[:, 0, :, 0, 0]  # (B, T)
+            time_c = trigflow_to_native_time(t_c, self.scaling, self.sigma_data)
+            time = torch.where(frame_mask.bool(), time_c, time[:, None].expand_as(frame_mask))
+        return x, time
