@@ -174,8 +174,8 @@ class DistillConfig:
         name = type(self).__name__
         if not isinstance(self.student_update_freq, int) or self.student_update_freq < 1:
             raise ValueError(f"{name}.student_update_freq={self.student_update_freq!r} must be an int >= 1.")
-        if self.warmup_student_iters < 0:
-            raise ValueError(f"{name}.warmup_student_iters={self.warmup_student_iters} must be >= 0.")
+        if not isinstance(self.warmup_student_iters, int) or self.warmup_student_iters < 0:
+            raise ValueError(f"{name}.warmup_student_iters={self.warmup_student_iters} must be an int >= 0.")
         for attr in ("student_optimizer", "critic_optimizer"):
             if not isinstance(getattr(self, attr), OptimizerConfig):
                 raise TypeError(f"{name}.{attr} must be an OptimizerConfig, got {getattr(self, attr)!r}.")

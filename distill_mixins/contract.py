@@ -10,6 +10,7 @@ A *host* is the user's own diffusion model class (an ``nn.Module``). The compose
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
@@ -97,17 +98,38 @@ def check_base_order(cls: type) -> None:
         return
     mixins = [b.__name__ for b in cls.__bases__ if _is_library_mixin(b)]
     hosts = [b.__name__ for b in cls.__bases__ if not _is_library_mixin(b)]
+    mixin = mixins[0] if mixins else mro[mixin_positions[-1]].__name__
     raise TypeError(
         f"class {cls.__name__}: the host class {mro[host_positions[0]].__name__} comes before the "
-        f"distillation mixin {mro[mixin_positions[-1]].__name__} in the method resolution order, so the "
-        f"host's methods would override the mixin's. List the mixins first: "
-        f"class {cls.__name__}({', '.join(mixins + hosts)}): ..."
+        f"distillation mixin {mixin} in the method resolution order, so the host's methods would override "
+        f"the mixin's. List the mixins first: class {cls.__name__}({', '.join(mixins + hosts)}): ..."
     )
 
 
+INTENDED_OVERRIDES = frozenset({"training_step", "state_dict", "load_state_dict", "train", "_abc_impl", "_is_protocol"})
+"""Host members the mixins replace on purpose (the training step, state dicts without the teacher)."""
+
+
+def shadowed_host_members(cls: type) -> list[str]:
+    """Names defined by a host class in ``cls``'s MRO that a library mixin shadows unintentionally."""
+    library = [k for k in cls.__mro__ if _is_library_mixin(k) and k.__module__.startswith("distill_mixins.")]
+    hosts = [k for k in cls.__mro__ if not _is_library_mixin(k) and not k.__module__.startswith(("torch", "typing"))]
+    mixin_names = {name for k in library for name in vars(k) if not name.startswith("__")} - INTENDED_OVERRIDES
+    return sorted(mixin_names & {name for k in hosts if k is not object for name in vars(k)})
+
+
 def check_host_class(cls: type) -> None:
-    """Checks at class creation: base order, and the contract's methods with their arity."""
+    """Checks at class creation: base order, the contract's methods with their arity, and a warning
+    for host members that a mixin shadows."""
     check_base_order(cls)
+    shadowed = shadowed_host_members(cls)
+    if shadowed:
+        warnings.warn(
+            f"{cls.__name__}: the distillation mixins replace the host's {', '.join(shadowed)}; the host's own "
+            "code calling these names will now run the mixin's version. Rename them in the host, or make sure "
+            "that is what you want.",
+            stacklevel=3,
+        )
     for name in _METHODS:
         member = inspect.getattr_static(cls, name, None)
         if member is None or not callable(getattr(cls, name)):

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from distill_mixins.config import DistillConfig, NetworkSpec, OptimizerConfig
-from distill_mixins.contract import check_host_class, check_host_instance
+from distill_mixins.config import DistillConfig, NetworkSpec, OptimizerConfig, TimeSamplerConfig
+from distill_mixins.contract import check_host_instance
 from distill_mixins.sampling import SAMPLERS, Denoiser, guided_x0, sample_student, time_grid
-from distill_mixins.trigflow import TrigFlowMixin, max_time, student_schedule
+from distill_mixins.trigflow import TrigFlowMixin, max_time, sample_time, student_schedule
 
 TEACHER_PREFIX = "net_teacher."
 
@@ -34,13 +34,6 @@ class DistillBatch:
     raw: Any
 
 
-def _is_composed(cls: type) -> bool:
-    """True when ``cls`` combines a library mixin with a host class."""
-    return any(
-        not issubclass(k, TrigFlowMixin) and k is not object and k.__module__ != "typing" for k in cls.__mro__
-    )
-
-
 def _instantiate(spec: NetworkSpec, teacher: nn.Module, field_name: str) -> nn.Module:
     """A trainable network from a config spec: a copy of the teacher, a module, or a factory's result."""
     if spec is None:
@@ -53,6 +46,11 @@ def _instantiate(spec: NetworkSpec, teacher: nn.Module, field_name: str) -> nn.M
             raise TypeError(f"{field_name} factory returned {type(net).__name__}, not an nn.Module.")
     if net is teacher:
         raise ValueError(f"{field_name} is the teacher network itself; pass a separate module or None.")
+    if not any(True for _ in net.parameters()):
+        raise ValueError(
+            f"the {field_name.removesuffix('_net')} network has no parameters to train (the teacher has none, "
+            f"e.g. an exact analytic teacher): set DistillConfig.{field_name} to a trainable architecture."
+        )
     return net.requires_grad_(True).train()
 
 
@@ -82,11 +80,6 @@ class DistillationCoreMixin(TrigFlowMixin):
     uses_critic: ClassVar[bool] = False
     student_phase_networks: ClassVar[tuple[str, ...]] = ("net",)
     critic_phase_networks: ClassVar[tuple[str, ...]] = ("net_fake_score", "net_discriminator")
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if _is_composed(cls):
-            check_host_class(cls)
 
     def __init__(self, *args: Any, distill: DistillConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -220,7 +213,8 @@ class DistillationCoreMixin(TrigFlowMixin):
 
     def clip_gradients(self, iteration: int) -> dict[str, float]:
         """Per-network gradient norm clipping of the current phase; non-finite gradients are zeroed
-        and counted in ``nonfinite_grad_counts``. Returns each network's norm before clipping."""
+        and counted in ``nonfinite_grad_counts``. Returns each network's norm before clipping
+        (non-finite for a network whose gradients were zeroed)."""
         norms = {}
         for name, net in self.phase_networks(self.is_student_phase(iteration)).items():
             grads = [p for p in net.parameters() if p.grad is not None]
@@ -238,11 +232,15 @@ class DistillationCoreMixin(TrigFlowMixin):
     def optimizer_step(self, iteration: int) -> dict[str, float]:
         """Clip, step and zero this phase's optimizers, step their schedulers, update the EMA.
 
-        Returns the gradient norms of :meth:`clip_gradients`.
+        A network whose gradients were non-finite is not stepped (no weight decay or momentum
+        either). Returns the gradient norms of :meth:`clip_gradients`.
         """
         norms = self.clip_gradients(iteration)
-        for opt in self.get_optimizers(iteration):
-            opt.step()
+        for name, opt in self.optimizers().items():
+            if name not in self.phase_networks(self.is_student_phase(iteration)):
+                continue
+            if math.isfinite(norms.get(name, 0.0)):
+                opt.step()
             opt.zero_grad(set_to_none=True)
         for sched in self.get_lr_schedulers(iteration):
             sched.step()
@@ -264,6 +262,13 @@ class DistillationCoreMixin(TrigFlowMixin):
 
     # ------------------------------------------------------------------ sampling
 
+    def sample_t(
+        self, n: int, config: TimeSamplerConfig, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``n`` training times (float64, (n,)) from ``config``, capped at the host's largest usable time."""
+        t_max = max_time(self.scaling, self.sigma_data, self.distill_config.sigma_max)
+        return sample_time(n, config, self.sigma_data, generator=generator).clamp(max=t_max)
+
     def student_times(self) -> Tensor:
         """Descending TrigFlow times of the student's sampler (float64, (steps,))."""
         config = self.distill_config
@@ -276,12 +281,12 @@ class DistillationCoreMixin(TrigFlowMixin):
         """``(x_t, t) -> x0`` of ``net`` with CFG ``x0_u + w (x0_c - x0_u)``; w = 1 runs only the conditional."""
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-            x0_c = self.denoise(net, x_t, t, condition).x0
+            x0_c = self.trigflow_denoise(net, x_t, t, condition).x0
             if w == 1.0:
                 return x0_c
             if uncondition is None:
                 raise ValueError(f"guidance w={w} needs an uncondition (or a negative condition).")
-            return guided_x0(x0_c, self.denoise(net, x_t, t, uncondition).x0, w)
+            return guided_x0(x0_c, self.trigflow_denoise(net, x_t, t, uncondition).x0, w)
 
         return denoise
 

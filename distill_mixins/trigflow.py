@@ -29,9 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from distill_mixins.config import TimeSamplerConfig, check_choice
-from distill_mixins.contract import PREDICTION_TYPES, SCALINGS, FrameConditioning
+from distill_mixins.contract import PREDICTION_TYPES, SCALINGS, FrameConditioning, check_host_class
 
 HALF_PI = math.pi / 2
+EDM_T_LIMIT = math.atan(1e6)
+"""Largest TrigFlow time an EDM host is evaluated at (sigma = 1e6 sigma_data)."""
 
 
 # ----------------------------------------------------------------------------- time
@@ -213,7 +215,9 @@ def max_time(scaling: str, sigma_data: float, sigma_max: float) -> float:
 def shifted_rf_schedule(steps: int, shift: float, sigma_data: float) -> Tensor:
     """RF times ``1, (steps-1)/steps, ..., 1/steps`` shifted by ``shift``, as TrigFlow t (float64).
 
-    ``shifted_rf_schedule(4, 5, 1)`` is Cosmos-Predict2.5's ``[pi/2, atan 15, atan 5, atan 5/3]``.
+    ``tau -> sigma = tau / (1 - tau) -> t = atan(sigma / sigma_d)``, as every RF-time construction
+    here: ``shifted_rf_schedule(4, 5, 1)`` is Cosmos-Predict2.5's ``[pi/2, atan 15, atan 5, atan 5/3]``
+    (sigma ``[inf, 15, 5, 5/3]``).
     """
     u = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
     tau = shift * u / (1.0 + (shift - 1.0) * u)
@@ -226,14 +230,15 @@ def student_schedule(
 ) -> Tensor:
     """Descending TrigFlow times of the student's sampler (float64, shape (steps,)).
 
-    ``one_step``: ``[t_max]``; ``cosmos_4step``: :func:`shifted_rf_schedule` (4, shift);
-    a tuple is used as given. Times above the host's ``t_max`` (EDM) are clamped to it.
+    ``one_step``: ``[t_max]``; ``cosmos_4step``: :func:`shifted_rf_schedule` (4, shift), i.e.
+    sigma ``[inf, 15, 5, 5/3]`` for shift 5; a tuple is used as given. Times above the host's
+    ``t_max`` (EDM) are clamped to it.
     """
     t_max = max_time(scaling, sigma_data, sigma_max)
     if spec == "one_step":
         ts = torch.tensor([t_max], dtype=torch.float64)
     elif spec == "cosmos_4step":
-        ts = shifted_rf_schedule(4, shift, 1.0)
+        ts = shifted_rf_schedule(4, shift, sigma_data)
     elif isinstance(spec, str):
         raise ValueError(f"student schedule {spec!r} is not known; use 'one_step', 'cosmos_4step' or times.")
     else:
@@ -244,9 +249,16 @@ def student_schedule(
 # ------------------------------------------------------------------------- the mixin
 
 
+def _is_composed(cls: type) -> bool:
+    """True when ``cls`` combines a library mixin with a host class."""
+    return any(
+        not issubclass(k, TrigFlowMixin) and k is not object and k.__module__ != "typing" for k in cls.__mro__
+    )
+
+
 @dataclass
 class Denoised:
-    """Output of :meth:`TrigFlowMixin.denoise`: ``x0`` and TrigFlow velocity ``F``, (B, C, T, H, W)."""
+    """Output of :meth:`TrigFlowMixin.trigflow_denoise`: ``x0`` and TrigFlow velocity ``F``, (B, C, T, H, W)."""
 
     x0: Tensor
     F: Tensor
@@ -263,19 +275,32 @@ class TrigFlowMixin:
     scaling: str
     prediction_type: str
     sigma_data: float
-    supports_per_frame_time: bool = False
     conditional_sigma: float = 1e-4
     """EDM sigma given to ground-truth frames of a Video2World condition (Cosmos: 1e-4)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if _is_composed(cls):
+            check_host_class(cls)
+
     predict: Callable[[nn.Module, Tensor, Tensor, Any], Tensor]  # from the host (contract.DiffusionHost)
 
-    def denoise(self, net: nn.Module, x_t: Tensor, t: Tensor, condition: Any) -> Denoised:
+    def trigflow_denoise(self, net: nn.Module, x_t: Tensor, t: Tensor, condition: Any) -> Denoised:
         """x0 and F of ``net`` at TrigFlow state ``x_t`` (B, C, T, H, W) and time ``t`` (B,) or scalar.
+
+        Not named ``denoise``: Cosmos-style hosts own a ``denoise(x_t, sigma, condition)`` that
+        their own samplers call, and a mixin must never shadow it.
 
         If ``condition`` has ground-truth frames (:class:`FrameConditioning`), they are pasted
         into the input at noise level ``conditional_sigma`` and into the output x0.
         """
-        t = _f64(t).to(x_t.device)
+        t = _f64(t)
+        if self.scaling == "edm" and t.device.type == "cpu" and bool((t > EDM_T_LIMIT).any()):
+            raise ValueError(
+                f"EDM hosts cannot be evaluated at t = {float(t.max()):.6f} (sigma = sigma_data tan t is infinite or "
+                "beyond float precision): start at t = atan(sigma_max / sigma_data), e.g. max_time('edm', ...)."
+            )
+        t = t.to(x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         x = trigflow_to_native_state(x_t, t, self.scaling, self.sigma_data)
@@ -296,8 +321,9 @@ class TrigFlowMixin:
         a_c, _ = native_coefficients(t_c, self.scaling, self.sigma_data)
         mask = frames.frame_mask.to(x.dtype)
         x = mask * (a_c.item() * frames.gt_frames.to(x.dtype)) + (1 - mask) * x
-        if self.supports_per_frame_time and time.ndim == 1:
-            frame_mask = mask[:, 0, :, 0, 0]  # (B, T)
+        if getattr(self, "supports_per_frame_time", False):  # optional host member, default False
+            frame_mask = mask[:, 0, :, 0, 0].bool()  # (B, T)
             time_c = trigflow_to_native_time(t_c, self.scaling, self.sigma_data)
-            time = torch.where(frame_mask.bool(), time_c, time[:, None].expand_as(frame_mask))
+            time = time[:, None].expand_as(frame_mask) if time.ndim == 1 else time
+            time = torch.where(frame_mask, time_c, time)
         return x, time

@@ -1,0 +1,39 @@
+# One-command setup: every target creates .venv on first use (CPU torch 2.13.0).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-quick test lint check-install clean
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: distill a 36-step CFG teacher into a 1-step student, print figures
+	$(VENV)/bin/distill-mixins demo
+
+demo-quick: $(STAMP)  ## a short demo run (CI smoke test)
+	$(VENV)/bin/distill-mixins demo --quick --out runs/demo-quick
+
+test: $(STAMP)  ## lint, then the whole test suite (CPU, a few minutes)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+check-install: $(STAMP)  ## pip install . into a fresh venv; the namespaced packages import, `trainer` does not
+	rm -rf /tmp/distill-mixins-fresh
+	$(PYTHON) -m venv /tmp/distill-mixins-fresh
+	/tmp/distill-mixins-fresh/bin/pip install -q torch==2.13.0
+	/tmp/distill-mixins-fresh/bin/pip install -q .
+	cd /tmp && /tmp/distill-mixins-fresh/bin/python -c "import distill_mixins, distill_mixins.trainer, distill_mixins.checkpointer; print('imports ok')"
+	cd /tmp && ! /tmp/distill-mixins-fresh/bin/python -c "import trainer" 2>/dev/null && echo "import trainer fails, as it must"
+	cd /tmp && ! /tmp/distill-mixins-fresh/bin/python -c "import checkpointer" 2>/dev/null && echo "import checkpointer fails, as it must"
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

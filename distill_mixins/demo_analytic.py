@@ -1,0 +1,216 @@
+"""The analytic demo: distill an exact 36-step CFG teacher into a 1-step student on CPU.
+
+The teacher is the exact denoiser of an 8-mode conditional Gaussian mixture, exposed as a
+rectified-flow velocity host (the Cosmos-Predict2.5 parameterization). The demo draws a pool
+of (noise, teacher 36-step Heun CFG output) pairs, then trains a small MLP student to map the
+noise to the teacher's output in one step. It runs until the toy Video2World demo lands;
+KDMixin (sharded teacher data) supersedes its in-memory pair pool.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from torch import Tensor
+from tqdm import tqdm
+
+from distill_mixins.config import DistillConfig, OptimizerConfig
+from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.eval.images import hstack_panels, scatter_panel, write_png
+from distill_mixins.eval.metrics import sliced_wasserstein2
+from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, ring_mixture
+from distill_mixins.testing.gmm import GaussianMixture
+
+TEACHER_STEPS = 36
+
+
+@dataclass
+class AnalyticDemoConfig(DistillConfig):
+    """Demo method settings: teacher steps and CFG scale (standard form, MATH.md section 2)."""
+
+    teacher_steps: int = TEACHER_STEPS
+    guidance: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher_steps < 1:
+            raise ValueError(f"AnalyticDemoConfig.teacher_steps={self.teacher_steps} must be >= 1.")
+
+
+class TeacherRegressionMixin(DistillationCoreMixin):
+    """1-step student regressing the teacher's multi-step CFG sample from the same noise:
+    ``L = 0.5 ||x0_student(noise, t_max) - x0_teacher||^2`` (Luhman & Luhman 2021, arXiv 2101.02388).
+    Batches carry ``noise`` and ``teacher_x0`` (B, C, T, H, W)."""
+
+    config_class = AnalyticDemoConfig
+
+    def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        noise, x0_teacher = data.raw["noise"], data.raw["teacher_x0"]
+        t_max = self.student_times()[0].expand(noise.shape[0])
+        x0 = self.trigflow_denoise(self.net, self.sigma_data * sin_t(t_max) * noise, t_max, data.condition).x0
+        loss = 0.5 * (x0 - x0_teacher).pow(2).mean()
+        return {"loss_kd": loss.detach()}, loss
+
+
+def sin_t(t: Tensor) -> Tensor:
+    """``sin t`` broadcast over (B, C, T, H, W) states."""
+    return torch.sin(t).float()[:, None, None, None, None]
+
+
+@torch.no_grad()
+def teacher_pairs(
+    model: AnalyticDistill, mixture: GaussianMixture, n: int, *, chunk: int = 2048, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """``n`` pairs {label, noise, teacher_x0} from the 36-step Heun CFG teacher, with a progress bar."""
+    config = model.distill_config
+    parts: list[dict[str, Tensor]] = []
+    for start in tqdm(range(0, n, chunk), desc="teacher pairs (36 Heun steps, CFG)", unit="chunk"):
+        labels = torch.randint(0, mixture.num_labels, (min(chunk, n - start),), generator=generator)
+        noise = torch.randn(labels.shape[0], *mixture.shape, generator=generator)
+        x0 = model.generate_teacher(
+            labels, noise, uncondition=torch.full_like(labels, -1), guidance=config.guidance,
+            steps=config.teacher_steps,
+        )
+        parts.append({"label": labels, "noise": noise, "teacher_x0": x0})
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+class AnalyticDistill(TeacherRegressionMixin, ToyHost):
+    """The exact mixture teacher composed with the demo method, as a user would compose theirs."""
+
+
+@dataclass
+class AnalyticDemoResult:
+    """Figures of the demo; sliced-W2 distances to 36-step CFG teacher samples."""
+
+    sw2_floor: float
+    sw2_teacher_1step: float
+    sw2_student_1step: float
+    mode_mass_error_student: float
+    mode_mass_error_teacher_1step: float
+    nfe_teacher: int
+    nfe_student: int
+    pairs: int
+    iterations: int
+    pairs_seconds: float
+    train_seconds: float
+    elapsed_s: float
+
+
+def _mode_mass(mixture: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    k, _ = mixture.nearest_mode(x)
+    return torch.bincount(k, minlength=mixture.means.shape[0]).double() / x.shape[0]
+
+
+def _plane(mixture: GaussianMixture, x: torch.Tensor) -> np.ndarray:
+    """Project samples (N, ...) onto the plane of the mixture's means."""
+    _, _, vh = torch.linalg.svd(mixture.means, full_matrices=False)
+    return (x.reshape(x.shape[0], -1).double() @ vh[:2].T).numpy()
+
+
+def run_analytic_demo(
+    out_dir: str | Path = "runs/demo-analytic", *, pairs: int = 16384, iterations: int = 1500,
+    batch_size: int = 256, eval_samples: int = 4096, seed: int = 0,
+) -> AnalyticDemoResult:
+    """Distill, evaluate, and write metrics.json, config.json and samples.png into ``out_dir``."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    mixture = ring_mixture(num_modes=8, num_labels=2, shape=(2, 2, 1, 1))
+    form = "rf_velocity"
+    config = AnalyticDemoConfig(
+        student_net=MLPDenoiser(mixture.shape, form, mixture.num_labels, hidden=256, depth=4),
+        student_optimizer=OptimizerConfig(name="adam", lr=1e-3, weight_decay=0.0, grad_clip=1.0),
+    )
+    model = AnalyticDistill(**analytic_host_args(mixture, form), distill=config)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    data_gen = torch.Generator().manual_seed(seed + 1)
+    pairs_start = time.perf_counter()
+    pool = teacher_pairs(model, mixture, pairs, generator=data_gen)
+    pool["x0"] = pool["teacher_x0"]
+    train_start = time.perf_counter()
+    bar = tqdm(range(iterations), desc="distilling (1-step student <- 36-step CFG teacher)", unit="it")
+    for iteration in bar:
+        index = torch.randint(0, pairs, (batch_size,), generator=data_gen)
+        _, loss = model.training_step({key: value[index] for key, value in pool.items()}, iteration)
+        loss.backward()
+        model.optimizer_step(iteration)
+        if iteration % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    train_seconds = time.perf_counter() - train_start
+
+    result = _evaluate(model, mixture, config, eval_samples, seed, out)
+    result.pairs, result.pairs_seconds = pairs, train_start - pairs_start
+    result.iterations, result.train_seconds = iterations, train_seconds
+    result.elapsed_s = time.perf_counter() - start
+    (out / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+@torch.no_grad()
+def _evaluate(
+    model: AnalyticDistill, mixture: GaussianMixture, config: AnalyticDemoConfig, n: int, seed: int, out: Path
+) -> AnalyticDemoResult:
+    g = torch.Generator().manual_seed(seed + 2)
+    labels = torch.randint(0, mixture.num_labels, (n,), generator=g)
+    uncond = torch.full_like(labels, -1)
+
+    def teacher(steps: int, noise: torch.Tensor) -> torch.Tensor:
+        return model.generate_teacher(
+            labels, noise, uncondition=uncond, guidance=config.guidance, steps=steps, sampler="heun"
+        )
+
+    noises = [torch.randn(n, *mixture.shape, generator=g) for _ in range(3)]
+    ref_a, ref_b = teacher(TEACHER_STEPS, noises[0]), teacher(TEACHER_STEPS, noises[1])
+    teacher_1 = teacher(1, noises[2])
+    student_1 = model.generate(labels, noises[2])
+    sw = {
+        name: sliced_wasserstein2(x, ref_a, generator=torch.Generator().manual_seed(seed))
+        for name, x in (("floor", ref_b), ("teacher_1", teacher_1), ("student_1", student_1))
+    }
+    mass_ref = _mode_mass(mixture, ref_a)
+    colors = np.array([[31, 119, 180], [255, 127, 14]], dtype=np.uint8)[labels.numpy()]
+    panels = [scatter_panel(_plane(mixture, x), colors) for x in (ref_a, teacher_1, student_1)]
+    write_png(out / "samples.png", hstack_panels(panels))
+    logger.info("wrote {} (teacher 36-step CFG | teacher 1-step | student 1-step)", out / "samples.png")
+    return AnalyticDemoResult(
+        sw2_floor=sw["floor"],
+        sw2_teacher_1step=sw["teacher_1"],
+        sw2_student_1step=sw["student_1"],
+        mode_mass_error_student=float((_mode_mass(mixture, student_1) - mass_ref).abs().max()),
+        mode_mass_error_teacher_1step=float((_mode_mass(mixture, teacher_1) - mass_ref).abs().max()),
+        nfe_teacher=2 * (2 * TEACHER_STEPS - 1),
+        nfe_student=1,
+        pairs=0,
+        iterations=0,
+        pairs_seconds=0.0,
+        train_seconds=0.0,
+        elapsed_s=0.0,
+    )
+
+
+def format_result(result: AnalyticDemoResult) -> str:
+    """A small table of the demo's figures."""
+    rows: list[tuple[str, Any, Any, Any]] = [
+        ("teacher 36-step CFG (2nd set)", f"{result.sw2_floor:.4f}", "-", result.nfe_teacher),
+        ("teacher 1-step", f"{result.sw2_teacher_1step:.4f}", f"{result.mode_mass_error_teacher_1step:.3f}", 2),
+        ("student 1-step", f"{result.sw2_student_1step:.4f}", f"{result.mode_mass_error_student:.3f}", 1),
+    ]
+    lines = [f"{'sampler':32s} {'sliced-W2':>10s} {'mode-mass err':>14s} {'NFE':>5s}"]
+    lines += [f"{a:32s} {b:>10s} {c:>14s} {d!s:>5s}" for a, b, c, d in rows]
+    lines.append(
+        f"student / floor = {result.sw2_student_1step / result.sw2_floor:.2f}x, teacher 1-step / floor = "
+        f"{result.sw2_teacher_1step / result.sw2_floor:.2f}x; {result.pairs} teacher pairs in "
+        f"{result.pairs_seconds:.0f} s, {result.iterations} iterations in {result.train_seconds:.0f} s "
+        f"(total {result.elapsed_s:.0f} s)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""DistillationCoreMixin: networks, phases, freezing, optimizers, EMA, state dicts, sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SHAPE, NeuralDistill, make_neural_model, param_hash
+
+from distill_mixins import DistillConfig, EMAConfig, OptimizerConfig
+from distill_mixins.testing import MLPDenoiser
+
+
+def snapshot(model):
+    return {name: param_hash(net) for name, net in model.named_children()}
+
+
+def run_iteration(model, batch, iteration):
+    _, loss = model.training_step(batch, iteration)
+    loss.backward()
+    model.optimizer_step(iteration)
+
+
+def test_networks_after_construction():
+    model = make_neural_model(ema=EMAConfig())
+    assert set(dict(model.named_children())) == {"net", "net_teacher", "net_fake_score", "net_ema"}
+    assert all(not p.requires_grad for p in model.net_teacher.parameters())
+    assert not model.net_teacher.training and not model.net_ema.training
+    assert model.net is not model.net_teacher and model.net_fake_score is not model.net_teacher
+    # the critic (and the student, before make_neural_model perturbs it) start as copies of the teacher
+    assert param_hash(model.net_fake_score) == param_hash(model.net_teacher)
+    model.train()
+    assert not model.net_teacher.training and not model.net_ema.training
+
+
+def test_size_distillation_uses_supplied_architectures():
+    student = MLPDenoiser(SHAPE, "edm_eps", num_labels=2, hidden=8, depth=1)
+    model = make_neural_model(student_net=student, critic_net=lambda: MLPDenoiser(SHAPE, "edm_eps", 2, hidden=16))
+    assert model.net is student
+    assert model.net_fake_score.head.in_features == 16
+    with pytest.raises(ValueError, match="student_net is the teacher"):
+        teacher = MLPDenoiser(SHAPE, "edm_eps", 2)
+        NeuralDistill(teacher, "edm_eps", distill=DistillConfig(student_net=teacher))
+
+
+def test_phase_schedule_1_to_4_over_100_iterations():
+    model = make_neural_model(student_update_freq=5)
+    phases = [model.is_student_phase(i) for i in range(100)]
+    assert sum(phases) == 20 and len(phases) - sum(phases) == 80
+    assert [i for i in range(10) if phases[i]] == [0, 5]
+
+
+def test_warmup_iterations_are_student_only():
+    model = make_neural_model(student_update_freq=5, warmup_student_iters=7)
+    assert all(model.is_student_phase(i) for i in range(7))
+    assert [i for i in range(7, 20) if model.is_student_phase(i)] == [10, 15]
+
+
+def test_only_the_phase_networks_change(batch):
+    model = make_neural_model(ema=EMAConfig(halflife_steps=2.0))
+    teacher_hash = param_hash(model.net_teacher)
+    for iteration in range(12):
+        before = snapshot(model)
+        run_iteration(model, batch, iteration)
+        after = snapshot(model)
+        changed = {name for name in before if before[name] != after[name]}
+        if model.is_student_phase(iteration):
+            assert changed == {"net", "net_ema"}, (iteration, changed)
+        else:
+            assert changed == {"net_fake_score"}, (iteration, changed)
+        assert param_hash(model.net_teacher) == teacher_hash
+
+
+def test_freezing_is_per_phase(batch):
+    model = make_neural_model()
+    model.training_step(batch, 0)
+    assert all(p.requires_grad for p in model.net.parameters())
+    assert not any(p.requires_grad for p in model.net_fake_score.parameters())
+    assert model.net.training and not model.net_fake_score.training
+    model.training_step(batch, 1)
+    assert not any(p.requires_grad for p in model.net.parameters())
+    assert all(p.requires_grad for p in model.net_fake_score.parameters())
+    assert not model.net.training and model.net_fake_score.training
+
+
+def test_get_optimizers_returns_only_the_current_phase():
+    model = make_neural_model(critic_optimizer=OptimizerConfig(lr=2e-7), student_optimizer=OptimizerConfig(lr=1e-6))
+    (student_opt,) = model.get_optimizers(0)
+    (critic_opt,) = model.get_optimizers(1)
+    assert student_opt.param_groups[0]["lr"] == 1e-6 and critic_opt.param_groups[0]["lr"] == 2e-7
+    assert {id(p) for p in student_opt.param_groups[0]["params"]} == {id(p) for p in model.net.parameters()}
+    assert len(model.get_lr_schedulers(0)) == 1 and model.get_lr_schedulers(0)[0].optimizer is student_opt
+
+
+def test_lr_warmup_is_linear():
+    model = make_neural_model(student_update_freq=1, student_optimizer=OptimizerConfig(lr=1.0, warmup_iters=4))
+    opt = model.get_optimizers(0)[0]
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        model.get_lr_schedulers(0)[0].step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_ema_moves_only_in_student_phases(batch):
+    model = make_neural_model(ema=EMAConfig(kind="halflife", halflife_steps=1.0))
+    for iteration in range(10):
+        before = param_hash(model.net_ema)
+        run_iteration(model, batch, iteration)
+        assert (param_hash(model.net_ema) != before) == model.is_student_phase(iteration)
+    assert int(model.ema_num_updates) == 2
+
+
+def test_ema_halflife_known_answer():
+    model = make_neural_model(student_update_freq=1, ema=EMAConfig(kind="halflife", halflife_steps=1.0))
+    with torch.no_grad():
+        for p in model.net_ema.parameters():
+            p.zero_()
+        for p in model.net.parameters():
+            p.fill_(1.0)
+    model.update_ema(0)
+    model.update_ema(1)
+    # beta = 0.5 per update: 0 -> 0.5 -> 0.75
+    assert all(torch.allclose(p, torch.full_like(p, 0.75)) for p in model.net_ema.parameters())
+
+
+def test_ema_power_form_known_answer():
+    config = EMAConfig(kind="power", gamma=1.0)
+    assert config.beta(1) == 0.0  # first update copies the student
+    assert config.beta(4) == pytest.approx((3 / 4) ** 2)
+    model = make_neural_model(student_update_freq=1, ema=config)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.fill_(2.0)
+    model.update_ema(0)
+    assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in model.net_ema.parameters())
+
+
+def test_nonfinite_gradients_are_zeroed_and_counted(batch):
+    model = make_neural_model(student_update_freq=1)
+    _, loss = model.training_step(batch, 0)
+    (loss * float("nan")).backward()
+    before = param_hash(model.net)
+    norms = model.clip_gradients(0)
+    assert math.isnan(norms["net"])
+    assert model.nonfinite_grad_counts == {"net": 1, "net_fake_score": 0}
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.net.parameters())
+    assert param_hash(model.net) == before
+
+
+def test_gradient_clipping_bounds_the_norm(batch):
+    model = make_neural_model(student_update_freq=1, student_optimizer=OptimizerConfig(grad_clip=1e-3))
+    _, loss = model.training_step(batch, 0)
+    (loss * 1e3).backward()
+    norm_before = model.clip_gradients(0)["net"]
+    norm_after = torch.nn.utils.get_total_norm([p.grad for p in model.net.parameters()])
+    assert norm_before > 1e-3 and float(norm_after) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_state_dict_never_contains_the_teacher():
+    model = make_neural_model(ema=EMAConfig())
+    state = model.state_dict()
+    assert state and not any(k.startswith("net_teacher.") for k in state)
+    assert {k.split(".")[0] for k in state} == {"net", "net_fake_score", "net_ema", "ema_num_updates"}
+    wrapped = torch.nn.ModuleDict({"model": model}).state_dict()
+    assert wrapped and not any(".net_teacher." in k for k in wrapped)
+
+
+def test_state_dict_round_trip_and_teacher_untouched(batch):
+    source = make_neural_model()
+    for iteration in range(3):
+        run_iteration(source, batch, iteration)
+    target = make_neural_model()
+    teacher_hash = param_hash(target.net_teacher)
+    target.load_state_dict(source.state_dict())
+    assert param_hash(target.net) == param_hash(source.net)
+    assert param_hash(target.net_fake_score) == param_hash(source.net_fake_score)
+    assert param_hash(target.net_teacher) == teacher_hash
+    with pytest.raises(ValueError, match="teacher"):
+        target.load_state_dict({**source.state_dict(), "net_teacher.head.bias": torch.zeros(4)})
+    with pytest.raises(RuntimeError, match="missing keys"):
+        target.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("net_fake")})
+
+
+def test_generate_is_deterministic_given_a_generator():
+    model = make_neural_model(student_schedule="cosmos_4step")
+    noise = torch.randn(3, *SHAPE)
+    a = model.generate(torch.zeros(3, dtype=torch.long), noise, generator=torch.Generator().manual_seed(1))
+    b = model.generate(torch.zeros(3, dtype=torch.long), noise, generator=torch.Generator().manual_seed(1))
+    c = model.generate(torch.zeros(3, dtype=torch.long), noise, generator=torch.Generator().manual_seed(2))
+    assert a.shape == noise.shape and torch.equal(a, b) and not torch.equal(a, c)
+    # an EDM host starts at sigma_max = 80 instead of pi/2 (sigma = inf)
+    expected = [math.atan(80 / 0.5), math.atan(15), math.atan(5), math.atan(5 / 3)]
+    assert model.student_times().tolist() == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="EMA"):
+        model.generate(torch.zeros(3, dtype=torch.long), noise, use_ema=True)
+
+
+def test_student_phase_only_method_rejects_update_freq():
+    class GeneratorOnly(NeuralDistill):
+        uses_critic = False
+
+    net = MLPDenoiser(SHAPE, "edm_eps", 2)
+    with pytest.raises(ValueError, match="student_update_freq=5"):
+        GeneratorOnly(net, "edm_eps", distill=DistillConfig(student_update_freq=5))
+    model = GeneratorOnly(net, "edm_eps", distill=DistillConfig())
+    assert "net_fake_score" not in dict(model.named_children())
+    assert all(model.is_student_phase(i) for i in range(5))
