@@ -232,18 +232,15 @@ class DistillationCoreMixin(TrigFlowMixin):
     def optimizer_step(self, iteration: int) -> dict[str, float]:
         """Clip, step and zero this phase's optimizers, step their schedulers, update the EMA.
 
-        A network whose gradients were non-finite is not stepped (no weight decay or momentum
-        either). Returns the gradient norms of :meth:`clip_gradients`.
+        A network whose gradients were non-finite is not stepped (no weight decay, momentum or
+        scheduler step either). Returns the gradient norms of :meth:`clip_gradients`.
         """
         norms = self.clip_gradients(iteration)
-        for name, opt in self.optimizers().items():
-            if name not in self.phase_networks(self.is_student_phase(iteration)):
-                continue
+        for name in self.phase_networks(self.is_student_phase(iteration)):
             if math.isfinite(norms.get(name, 0.0)):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-        for sched in self.get_lr_schedulers(iteration):
-            sched.step()
+                self.optimizers()[name].step()
+                self.lr_schedulers()[name].step()
+            self.optimizers()[name].zero_grad(set_to_none=True)
         self.update_ema(iteration)
         return norms
 

@@ -191,8 +191,8 @@ def test_generate_is_deterministic_given_a_generator():
     b = model.generate(torch.zeros(3, dtype=torch.long), noise, generator=torch.Generator().manual_seed(1))
     c = model.generate(torch.zeros(3, dtype=torch.long), noise, generator=torch.Generator().manual_seed(2))
     assert a.shape == noise.shape and torch.equal(a, b) and not torch.equal(a, c)
-    # an EDM host starts at sigma_max = 80 instead of pi/2 (sigma = inf)
-    expected = [math.atan(80 / 0.5), math.atan(15), math.atan(5), math.atan(5 / 3)]
+    # EDM host (sigma_data = 0.5): sigma [80 (not inf), 15, 5, 5/3], t = atan(sigma / sigma_data)
+    expected = [math.atan(80 / 0.5), math.atan(15 / 0.5), math.atan(5 / 0.5), math.atan(5 / 3 / 0.5)]
     assert model.student_times().tolist() == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="EMA"):
         model.generate(torch.zeros(3, dtype=torch.long), noise, use_ema=True)
@@ -208,3 +208,28 @@ def test_student_phase_only_method_rejects_update_freq():
     model = GeneratorOnly(net, "edm_eps", distill=DistillConfig())
     assert "net_fake_score" not in dict(model.named_children())
     assert all(model.is_student_phase(i) for i in range(5))
+
+
+def test_parameterless_teacher_needs_a_student_architecture(mixture):
+    from distill_mixins.testing import analytic_host_args
+
+    with pytest.raises(ValueError, match=r"no parameters to train .* set DistillConfig.student_net"):
+        NeuralDistill(**analytic_host_args(mixture, "edm_eps"), distill=DistillConfig())
+
+
+def test_nonfinite_network_is_not_stepped(batch):
+    model = make_neural_model(student_update_freq=1, student_optimizer=OptimizerConfig(weight_decay=0.5))
+    _, loss = model.training_step(batch, 0)
+    (loss * float("inf")).backward()
+    before = param_hash(model.net)
+    model.optimizer_step(0)
+    assert param_hash(model.net) == before  # no weight decay either
+    assert all(p.grad is None for p in model.net.parameters())
+
+
+def test_sample_t_is_capped_for_edm_hosts():
+    from distill_mixins import TimeSamplerConfig
+
+    model = make_neural_model()
+    t = model.sample_t(10_000, TimeSamplerConfig(kind="uniform", t_min=1.5, t_max=math.pi / 2))
+    assert float(t.max()) == pytest.approx(math.atan(80 / 0.5)) and float(t.min()) >= 1.5

@@ -257,6 +257,9 @@ def test_cosmos_4step_schedule():
     expected = torch.tensor([HALF_PI, math.atan(15), math.atan(5), math.atan(5 / 3)], dtype=torch.float64)
     assert_close(shifted_rf_schedule(4, 5, 1.0), expected, tol=1e-12)
     assert_close(student_schedule("cosmos_4step", "rectified_flow", 1.0, shift=5.0), expected, tol=1e-12)
+    # the sigmas [inf, 15, 5, 5/3] hold for any sigma_data; an EDM host's pure noise is clamped to sigma_max
+    edm = student_schedule("cosmos_4step", "edm", 0.5, shift=5.0, sigma_max=80.0)
+    assert_close(trigflow_to_native_time(edm, "edm", 0.5), [80.0, 15.0, 5.0, 5 / 3], tol=1e-12)
 
 
 def test_student_schedules():
@@ -359,8 +362,12 @@ class FrameCondition:
 
 
 class HalfNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
     def forward(self, x):
-        return 0.5 * x
+        return self.scale * x
 
 
 class FrameHost(nn.Module):
@@ -374,7 +381,7 @@ class FrameHost(nn.Module):
         self.seen = []
 
     def predict(self, net, x, time, condition):
-        self.seen.append((x.clone(), time.clone()))
+        self.seen.append((x.detach().clone(), time.clone()))
         return net(x)
 
     def get_data_and_condition(self, batch):
@@ -382,6 +389,18 @@ class FrameHost(nn.Module):
 
 
 class FrameDistill(DistillationCoreMixin, FrameHost):
+    pass
+
+
+class PerFrameHost(FrameHost):
+    supports_per_frame_time = True  # declared on the class, as hosts usually do
+
+    def __init__(self, scaling, prediction_type, sigma_data):
+        super().__init__(scaling, prediction_type, sigma_data, per_frame=True)
+        del self.supports_per_frame_time  # only the class attribute remains
+
+
+class PerFrameDistill(DistillationCoreMixin, PerFrameHost):
     pass
 
 
@@ -405,10 +424,11 @@ def test_video2world_conditioning(scaling, prediction, sd, per_frame):
     condition, x_t, t = frame_setup()
     given = condition.frame_mask.bool().expand_as(x_t)
 
-    out = model.trigflow_denoise(model.net_teacher, x_t, t, condition)
-    x_in, time_in = model.seen[-1]
-    plain = model.trigflow_denoise(model.net_teacher, x_t, t, None)
-    x_plain, time_plain = model.seen[-1]
+    with torch.no_grad():
+        out = model.trigflow_denoise(model.net_teacher, x_t, t, condition)
+        x_in, time_in = model.seen[-1]
+        plain = model.trigflow_denoise(model.net_teacher, x_t, t, None)
+        x_plain, time_plain = model.seen[-1]
 
     # output: ground truth on the given frames, untouched elsewhere; F is consistent with the pasted x0
     assert torch.equal(out.x0[given], condition.gt_frames[given])
@@ -432,3 +452,12 @@ def test_video2world_conditioning(scaling, prediction, sd, per_frame):
     assert time_in.shape == (2, 4)
     assert_close(time_in[frame_given], torch.full((3,), time_c, dtype=torch.float64), tol=1e-12)
     assert torch.equal(time_in[~frame_given], time_plain[:, None].expand(2, 4)[~frame_given])
+
+
+def test_per_frame_time_declared_on_the_host_class():
+    model = PerFrameDistill("edm", "eps", 0.5, distill=DistillConfig())
+    condition, x_t, t = frame_setup()
+    model.trigflow_denoise(model.net_teacher, x_t, t, condition)
+    _, time_in = model.seen[-1]
+    assert time_in.shape == (2, 4)
+    assert_close(time_in[0], [1e-4, *(0.5 * math.tan(0.9),) * 3], tol=1e-12)

@@ -19,6 +19,6 @@ def sliced_wasserstein2(
     fa, fb = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
     dirs = torch.randn(fa.shape[1], num_projections, dtype=torch.float64, generator=generator)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, _ = torch.sort(fa @ dirs, dim=0)
-    pb, _ = torch.sort(fb @ dirs, dim=0)
+    pa, _ = torch.sort((dirs.T @ fa.T).contiguous(), dim=1)  # (P, N): sorting rows is ~2x faster
+    pb, _ = torch.sort((dirs.T @ fb.T).contiguous(), dim=1)
     return float((pa - pb).pow(2).mean().sqrt())
