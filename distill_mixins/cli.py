@@ -13,7 +13,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     iterations = args.iterations if args.iterations is not None else (300 if args.quick else 1500)
     logger.info("analytic demo: exact 8-mode mixture teacher (36 Heun steps, CFG w=2) -> 1-step student")
-    result = run_analytic_demo(args.out, iterations=iterations, batch_size=args.batch_size, seed=args.seed)
+    result = run_analytic_demo(
+        args.out, pairs=args.pairs, iterations=iterations, batch_size=args.batch_size, seed=args.seed
+    )
     print(format_result(result))
     print(f"figures: {args.out}/metrics.json, picture: {args.out}/samples.png")
     return 0
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="distill an exact 36-step CFG teacher into a 1-step student (CPU)")
     demo.add_argument("--out", default="runs/demo-analytic", help="run directory (default: %(default)s)")
     demo.add_argument("--iterations", type=int, default=None, help="training iterations (default 1500, quick 300)")
+    demo.add_argument("--pairs", type=int, default=16384, help="teacher (noise, output) pairs (default %(default)s)")
     demo.add_argument("--batch-size", type=int, default=256)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a short run for CI")

@@ -121,44 +121,42 @@ def native_to_trigflow_state(x: Tensor, t: Tensor, scaling: str, sigma_data: flo
 # --------------------------------------------------------------------------- output
 
 
+def output_coefficients(t: Tensor, scaling: str, prediction_type: str, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """``(p, q)`` with ``x0 = p x + q out`` for a native output of ``prediction_type`` (float64).
+
+    eps: ``x0 = (x - b eps) / a``; velocity (``eps - x0``): ``x0 = (x - b v) / (a + b)``;
+    v (``alpha eps - s x0``): ``x0 = a x / r^2 - b v / r`` with ``r^2 = a^2 + b^2``; x0: ``x0 = out``.
+    """
+    check_choice("trigflow", "prediction_type", prediction_type, PREDICTION_TYPES)
+    a, b = native_coefficients(t, scaling, sigma_data)
+    if prediction_type == "x0":
+        return torch.zeros_like(a), torch.ones_like(a)
+    if prediction_type == "eps":
+        return 1.0 / a, -b / a
+    if prediction_type == "velocity":
+        return 1.0 / (a + b), -b / (a + b)
+    r2 = a * a + b * b
+    return a / r2, -b / r2.sqrt()
+
+
 def native_output_to_x0(
     out: Tensor, x: Tensor, t: Tensor, scaling: str, prediction_type: str, sigma_data: float
 ) -> Tensor:
-    """Host output ``out`` on native state ``x`` at TrigFlow time ``t`` -> ``x0`` (x's dtype)."""
-    check_choice("trigflow", "prediction_type", prediction_type, PREDICTION_TYPES)
+    """Host output ``out`` on native state ``x`` at TrigFlow time ``t`` -> ``x0 = p x + q out`` (x's dtype)."""
     if prediction_type == "x0":
         return out.to(x.dtype)
-    a, b = native_coefficients(t, scaling, sigma_data)
-    a, b = expand_time(a, x).to(x.device), expand_time(b, x).to(x.device)
-    xd, od = x.double(), out.double()
-    if prediction_type == "eps":
-        x0 = (xd - b * od) / a
-    elif prediction_type == "velocity":
-        x0 = (xd - b * od) / (a + b)
-    else:
-        r2 = a * a + b * b
-        x0 = a * xd / r2 - b * od / r2.sqrt()
-    return x0.to(x.dtype)
+    p, q = (expand_time(c, x).to(x.device) for c in output_coefficients(t, scaling, prediction_type, sigma_data))
+    return (p * x.double() + q * out.double()).to(x.dtype)
 
 
 def x0_to_native_output(
     x0: Tensor, x: Tensor, t: Tensor, scaling: str, prediction_type: str, sigma_data: float
 ) -> Tensor:
-    """Inverse of :func:`native_output_to_x0`: the native output that denotes ``x0``."""
-    check_choice("trigflow", "prediction_type", prediction_type, PREDICTION_TYPES)
+    """Inverse of :func:`native_output_to_x0`: ``out = (x0 - p x) / q``."""
     if prediction_type == "x0":
         return x0.to(x.dtype)
-    a, b = native_coefficients(t, scaling, sigma_data)
-    a, b = expand_time(a, x).to(x.device), expand_time(b, x).to(x.device)
-    xd, x0d = x.double(), x0.double()
-    if prediction_type == "eps":
-        out = (xd - a * x0d) / b
-    elif prediction_type == "velocity":
-        out = (xd - (a + b) * x0d) / b
-    else:
-        r2 = a * a + b * b
-        out = (a * xd / r2 - x0d) * r2.sqrt() / b
-    return out.to(x.dtype)
+    p, q = (expand_time(c, x).to(x.device) for c in output_coefficients(t, scaling, prediction_type, sigma_data))
+    return ((x0.double() - p * x.double()) / q).to(x.dtype)
 
 
 def x0_to_F(x0: Tensor, x_t: Tensor, t: Tensor, sigma_data: float) -> Tensor:
