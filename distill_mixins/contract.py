@@ -122,6 +122,11 @@ def check_host_class(cls: type) -> None:
     """Checks at class creation: base order, the contract's methods with their arity, and a warning
     for host members that a mixin shadows."""
     check_base_order(cls)
+    if issubclass(cls, DenoiseAdapterMixin) and not callable(getattr(cls, "denoise", None)):
+        raise TypeError(
+            f"{cls.__name__} uses DenoiseAdapterMixin but its host has no `denoise(x, sigma, condition)` "
+            "method using self.net; add one, or drop the adapter and give the host a `predict`."
+        )
     shadowed = shadowed_host_members(cls)
     if shadowed:
         warnings.warn(
@@ -136,8 +141,9 @@ def check_host_class(cls: type) -> None:
             raise TypeError(_missing_message(cls.__name__, name))
         if getattr(cls, name).__qualname__ == f"DiffusionHost.{name}":  # the Protocol's own stub
             raise TypeError(_missing_message(cls.__name__, name))
-    params = inspect.signature(cls.predict).parameters
-    if len(params) < 5 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+    params = inspect.signature(cls.predict).parameters.values()
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(required) < 5 and not any(p.kind is p.VAR_POSITIONAL for p in params):
         raise TypeError(
             f"{cls.__name__}.predict{inspect.signature(cls.predict)} must take "
             "(self, net, x, time, condition): the network to run is passed in, so the mixin can run "

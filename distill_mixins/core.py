@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +21,7 @@ from distill_mixins.sampling import SAMPLERS, Denoiser, guided_x0, sample_studen
 from distill_mixins.trigflow import TrigFlowMixin, max_time, sample_time, student_schedule
 
 TEACHER_PREFIX = "net_teacher."
+RESERVED_NETWORKS = ("net_teacher", "net_fake_score", "net_discriminator", "net_ema")
 
 
 @dataclass
@@ -51,12 +51,19 @@ def _instantiate(spec: NetworkSpec, teacher: nn.Module, field_name: str) -> nn.M
             f"the {field_name.removesuffix('_net')} network has no parameters to train (the teacher has none, "
             f"e.g. an exact analytic teacher): set DistillConfig.{field_name} to a trainable architecture."
         )
-    return net.requires_grad_(True).train()
+    return net.train()
 
 
-def build_optimizer(net: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``config`` over all of ``net``'s parameters."""
-    params = list(net.parameters())
+def trained_parameter_names(net: nn.Module) -> frozenset[str]:
+    """Parameters a network trains: those with ``requires_grad`` as given, or all if none has it
+    (a teacher frozen as a whole). Parts frozen on purpose (e.g. a LoRA base) stay frozen."""
+    names = frozenset(n for n, p in net.named_parameters() if p.requires_grad)
+    return names or frozenset(n for n, _ in net.named_parameters())
+
+
+def build_optimizer(net: nn.Module, config: OptimizerConfig, names: frozenset[str]) -> torch.optim.Optimizer:
+    """The optimizer named by ``config`` over ``net``'s parameters in ``names``."""
+    params = [p for n, p in net.named_parameters() if n in names]
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.betas[0], weight_decay=config.weight_decay)
     klass = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
@@ -105,13 +112,25 @@ class DistillationCoreMixin(TrigFlowMixin):
     # ------------------------------------------------------------------ networks
 
     def _build_networks(self, config: DistillConfig) -> None:
+        taken = [name for name in RESERVED_NETWORKS if name in self._modules or name in self.__dict__]
+        if taken:
+            raise TypeError(
+                f"{type(self).__name__}: the host already sets {', '.join(taken)}, which the distillation mixin "
+                "builds itself (the student's EMA is DistillConfig.ema). Turn that part of the host off (e.g. its "
+                "own EMA) before composing it."
+            )
         teacher = self.net
-        self.net_teacher = teacher.requires_grad_(False).eval()
         self.net = _instantiate(config.student_net, teacher, "student_net")
         if self.uses_critic:
             self.net_fake_score = _instantiate(config.critic_net, teacher, "critic_net")
+        self._trained_names = {name: trained_parameter_names(net) for name, net in self.trainable_networks().items()}
+        self.net_teacher = teacher.requires_grad_(False).eval()
+        teacher.register_load_state_dict_pre_hook(_keep_teacher_on_load)
         if config.ema is not None:
             self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+            for p in self.net_ema.parameters():  # average in float32: a bf16 EMA would not move
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    p.data = p.data.float()
             self.register_buffer("ema_num_updates", torch.zeros((), dtype=torch.long))
 
     def trainable_networks(self) -> dict[str, nn.Module]:
@@ -128,15 +147,16 @@ class DistillationCoreMixin(TrigFlowMixin):
         """Per-phase freezing: the phase's networks get gradients and train mode, the others neither."""
         trained = self.phase_networks(student_phase)
         for name, net in self.trainable_networks().items():
-            net.requires_grad_(name in trained)
+            for param_name, p in net.named_parameters():
+                p.requires_grad_(name in trained and param_name in self._trained_names[name])
             net.train(self.training and name in trained)
 
     def train(self, mode: bool = True) -> DistillationCoreMixin:
         """Like nn.Module.train, but the teacher and the EMA stay in eval mode."""
         super().train(mode)  # type: ignore[misc]
-        self.net_teacher.eval()
-        if "net_ema" in self._modules:
-            self.net_ema.eval()
+        for name in ("net_teacher", "net_ema"):  # absent while the host's __init__ runs
+            if name in self._modules:
+                self._modules[name].eval()
         return self
 
     # -------------------------------------------------------------------- phases
@@ -155,7 +175,10 @@ class DistillationCoreMixin(TrigFlowMixin):
         # Built on first use, so parallelism applied after construction (FSDP) is seen by the optimizers.
         if self._optimizers is None:
             nets = self.trainable_networks()
-            self._optimizers = {name: build_optimizer(net, self.optimizer_config(name)) for name, net in nets.items()}
+            self._optimizers = {
+                name: build_optimizer(net, self.optimizer_config(name), self._trained_names[name])
+                for name, net in nets.items()
+            }
             self._schedulers = {
                 name: build_scheduler(opt, self.optimizer_config(name)) for name, opt in self._optimizers.items()
             }
@@ -232,16 +255,18 @@ class DistillationCoreMixin(TrigFlowMixin):
     def optimizer_step(self, iteration: int) -> dict[str, float]:
         """Clip, step and zero this phase's optimizers, step their schedulers, update the EMA.
 
-        A network whose gradients were non-finite is not stepped (no weight decay, momentum or
-        scheduler step either). Returns the gradient norms of :meth:`clip_gradients`.
+        A network whose gradients were non-finite, or that has none, is not stepped (no weight decay,
+        momentum, scheduler step or EMA update either). Returns the gradient norms of :meth:`clip_gradients`.
         """
         norms = self.clip_gradients(iteration)
+        stepped = [name for name, norm in norms.items() if math.isfinite(norm)]
         for name in self.phase_networks(self.is_student_phase(iteration)):
-            if math.isfinite(norms.get(name, 0.0)):
+            if name in stepped:
                 self.optimizers()[name].step()
                 self.lr_schedulers()[name].step()
             self.optimizers()[name].zero_grad(set_to_none=True)
-        self.update_ema(iteration)
+        if "net" in stepped:
+            self.update_ema(iteration)
         return norms
 
     @torch.no_grad()
@@ -296,7 +321,7 @@ class DistillationCoreMixin(TrigFlowMixin):
 
         ``schedule`` overrides the config's student schedule; ``use_ema`` samples ``net_ema``.
         """
-        if use_ema and "net_ema" not in self._modules:
+        if use_ema and self.distill_config.ema is None:
             raise ValueError("generate(use_ema=True) needs EMA: set DistillConfig.ema=EMAConfig(...).")
         net = self.net_ema if use_ema else self.net
         config = self.distill_config
@@ -331,26 +356,21 @@ class DistillationCoreMixin(TrigFlowMixin):
     # --------------------------------------------------------------- state dict
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """nn.Module.state_dict without the teacher (it is never saved)."""
+        """nn.Module.state_dict without the teacher (it is never saved). Loading refuses teacher keys
+        and keeps the teacher, also through wrappers such as DDP (a load pre-hook on the teacher)."""
         state = super().state_dict(*args, **kwargs)  # type: ignore[misc]
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "") + TEACHER_PREFIX
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
         return state
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """nn.Module.load_state_dict that expects no teacher keys and leaves the teacher untouched."""
-        teacher_keys = [k for k in state_dict if k.startswith(TEACHER_PREFIX)]
-        if teacher_keys:
-            raise ValueError(
-                f"state dict holds teacher weights ({teacher_keys[0]}, ...): the teacher comes from the host, "
-                "never from a distillation checkpoint. Drop the 'net_teacher.' keys."
-            )
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
-        result.missing_keys[:] = [k for k in result.missing_keys if not k.startswith(TEACHER_PREFIX)]
-        if strict and (result.missing_keys or result.unexpected_keys):
-            raise RuntimeError(
-                f"Error loading state dict into {type(self).__name__}: missing keys {result.missing_keys}, "
-                f"unexpected keys {result.unexpected_keys}."
-            )
-        return result
+
+def _keep_teacher_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook of the teacher: refuse teacher weights, and keep the current ones."""
+    leaked = [key for key in state_dict if key.startswith(prefix)]
+    if leaked:
+        raise ValueError(
+            f"state dict holds teacher weights ({leaked[0]}, ...): the teacher comes from the host, never from a "
+            f"distillation checkpoint. Drop the '{prefix}' keys."
+        )
+    state_dict.update(module.state_dict(prefix=prefix))

@@ -241,7 +241,13 @@ def student_schedule(
         raise ValueError(f"student schedule {spec!r} is not known; use 'one_step', 'cosmos_4step' or times.")
     else:
         ts = torch.tensor(spec, dtype=torch.float64)
-    return ts.clamp(max=t_max)
+    ts = ts.clamp(max=t_max)
+    if bool((ts[1:] >= ts[:-1]).any()):
+        raise ValueError(
+            f"student schedule {ts.tolist()} is not strictly descending after capping at this host's largest "
+            f"time {t_max:.6f} (EDM: atan(sigma_max / sigma_data)); drop the times above it."
+        )
+    return ts
 
 
 # ------------------------------------------------------------------------- the mixin

@@ -222,3 +222,53 @@ def test_intended_overrides_do_not_warn(recwarn):
 
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
     assert Fine().denoise(1, 2, 3) == 1
+
+
+def test_host_init_may_call_train_and_eval():
+    class SelfEvaluatingHost(Host):
+        def __init__(self):
+            super().__init__()
+            self.eval()  # runs the mixin's train() before the distillation networks exist
+
+    class Distill(TwoPhaseMethod, SelfEvaluatingHost):
+        pass
+
+    model = Distill().train()
+    assert model.net.training and not model.net_teacher.training
+
+
+def test_predict_with_an_optional_extra_argument_is_still_old_style():
+    class OldStyleWithDefault(Host):
+        def predict(self, x, time, condition, guidance=None):
+            return self.net(x)
+
+    with pytest.raises(TypeError, match=r"must take \(self, net, x, time, condition\)"):
+
+        class Bad(TwoPhaseMethod, OldStyleWithDefault):
+            pass
+
+
+def test_denoise_adapter_needs_a_denoise_method():
+    class NoDenoise(nn.Module):
+        scaling, sigma_data = "edm", 0.5
+
+        def get_data_and_condition(self, batch):
+            return batch, None, None
+
+    with pytest.raises(TypeError, match=r"uses DenoiseAdapterMixin but its host has no `denoise"):
+
+        class Bad(TwoPhaseMethod, DenoiseAdapterMixin, NoDenoise):
+            pass
+
+
+def test_host_owned_distillation_networks_are_refused():
+    class HostWithEMA(Host):
+        def __init__(self):
+            super().__init__()
+            self.net_ema = nn.Linear(4, 4)
+
+    class Distill(TwoPhaseMethod, HostWithEMA):
+        pass
+
+    with pytest.raises(TypeError, match=r"host already sets net_ema"):
+        Distill()

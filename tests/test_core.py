@@ -180,7 +180,7 @@ def test_state_dict_round_trip_and_teacher_untouched(batch):
     assert param_hash(target.net_teacher) == teacher_hash
     with pytest.raises(ValueError, match="teacher"):
         target.load_state_dict({**source.state_dict(), "net_teacher.head.bias": torch.zeros(4)})
-    with pytest.raises(RuntimeError, match="missing keys"):
+    with pytest.raises(RuntimeError, match="Missing key"):
         target.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("net_fake")})
 
 
@@ -233,3 +233,62 @@ def test_sample_t_is_capped_for_edm_hosts():
     model = make_neural_model()
     t = model.sample_t(10_000, TimeSamplerConfig(kind="uniform", t_min=1.5, t_max=math.pi / 2))
     assert float(t.max()) == pytest.approx(math.atan(80 / 0.5)) and float(t.min()) >= 1.5
+
+
+def test_loading_through_a_wrapper_keeps_the_teacher_and_refuses_teacher_keys(batch):
+    source, target = make_neural_model(), make_neural_model()
+    run_iteration(source, batch, 0)
+    teacher_hash = param_hash(target.net_teacher)
+    wrapped_target = torch.nn.ModuleDict({"module": target})
+    wrapped_target.load_state_dict(torch.nn.ModuleDict({"module": source}).state_dict())  # strict
+    assert param_hash(target.net) == param_hash(source.net) and param_hash(target.net_teacher) == teacher_hash
+    leaked = {**wrapped_target.state_dict(), "module.net_teacher.head.bias": torch.zeros(8)}
+    with pytest.raises(ValueError, match="teacher weights"):
+        wrapped_target.load_state_dict(leaked)
+    assert param_hash(target.net_teacher) == teacher_hash
+
+
+def test_bf16_student_keeps_a_float32_ema_that_moves():
+    teacher = MLPDenoiser(SHAPE, "edm_eps", 2)
+    student = MLPDenoiser(SHAPE, "edm_eps", 2).to(torch.bfloat16)
+    config = DistillConfig(student_net=student, ema=EMAConfig(kind="halflife", halflife_steps=500.0))
+    model = NeuralDistill(teacher, "edm_eps", distill=config)
+    assert all(p.dtype == torch.float32 for p in model.net_ema.parameters())
+    with torch.no_grad():  # the student sits one small bf16 step above its EMA
+        for p_ema, p in zip(model.net_ema.parameters(), model.net.parameters(), strict=True):
+            p_ema.copy_(p.float())
+            p.add_(2.0**-6)
+    before = [p.clone() for p in model.net_ema.parameters()]
+    for iteration in range(10):
+        model.update_ema(iteration)  # 1 - beta = 0.0014: below bf16 resolution, fine in float32
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.net_ema.parameters(), strict=True))
+
+
+def test_parameters_frozen_on_purpose_stay_frozen(batch):
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(SHAPE, "edm_eps", num_labels=2, hidden=32, depth=2)
+    teacher.label_embedding.requires_grad_(False)  # e.g. a frozen embedder inside the network
+    model = NeuralDistill(teacher, "edm_eps", distill=DistillConfig(student_update_freq=1))
+    frozen = param_hash(model.net.label_embedding)
+    for iteration in range(3):
+        with torch.no_grad():
+            model.net.head.bias.add_(0.1)
+        run_iteration(model, batch, iteration)
+    assert param_hash(model.net.label_embedding) == frozen
+    assert not model.net.label_embedding.weight.requires_grad and model.net.head.weight.requires_grad
+
+
+def test_scheduler_and_ema_do_not_advance_without_gradients():
+    model = make_neural_model(
+        student_update_freq=1, ema=EMAConfig(), student_optimizer=OptimizerConfig(lr=1.0, warmup_iters=4)
+    )
+    for iteration in range(3):
+        model.optimizer_step(iteration)  # no backward: no gradients
+    assert model.get_optimizers(0)[0].param_groups[0]["lr"] == pytest.approx(0.25)
+    assert int(model.ema_num_updates) == 0
+
+
+def test_schedule_that_collapses_at_the_edm_cap_is_refused():
+    model = make_neural_model(student_schedule=(math.pi / 2, 1.569, 1.0))
+    with pytest.raises(ValueError, match="not strictly descending after capping"):
+        model.student_times()
