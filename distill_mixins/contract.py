@@ -89,6 +89,11 @@ def _is_library_mixin(klass: type) -> bool:
     return issubclass(klass, TrigFlowMixin)
 
 
+def is_composed(cls: type) -> bool:
+    """True when ``cls`` combines a library mixin with a host class (then the contract is checked)."""
+    return any(not _is_library_mixin(k) and k is not object and k.__module__ != "typing" for k in cls.__mro__)
+
+
 def check_base_order(cls: type) -> None:
     """Raise TypeError if a host class comes before a distillation mixin in ``cls``'s MRO."""
     mro = [k for k in cls.__mro__ if k not in (object, Protocol) and k.__module__ != "typing"]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from distill_mixins.config import TimeSamplerConfig, check_choice
-from distill_mixins.contract import PREDICTION_TYPES, SCALINGS, FrameConditioning, check_host_class
+from distill_mixins.contract import PREDICTION_TYPES, SCALINGS, FrameConditioning, check_host_class, is_composed
 
 HALF_PI = math.pi / 2
 EDM_T_LIMIT = math.atan(1e6)
@@ -253,13 +253,6 @@ def student_schedule(
 # ------------------------------------------------------------------------- the mixin
 
 
-def _is_composed(cls: type) -> bool:
-    """True when ``cls`` combines a library mixin with a host class."""
-    return any(
-        not issubclass(k, TrigFlowMixin) and k is not object and k.__module__ != "typing" for k in cls.__mro__
-    )
-
-
 @dataclass
 class Denoised:
     """Output of :meth:`TrigFlowMixin.trigflow_denoise`: ``x0`` and TrigFlow velocity ``F``, (B, C, T, H, W)."""
@@ -284,7 +277,7 @@ class TrigFlowMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if _is_composed(cls):
+        if is_composed(cls):
             check_host_class(cls)
 
     predict: Callable[[nn.Module, Tensor, Tensor, Any], Tensor]  # from the host (contract.DiffusionHost)
