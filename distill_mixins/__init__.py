@@ -9,19 +9,26 @@ Compose a method mixin before your own model class::
 from distill_mixins.config import DistillConfig, EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.contract import DenoiseAdapterMixin, DiffusionHost, FrameConditioning
 from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.discriminator import DiscriminatorConfig
+from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin
 from distill_mixins.trigflow import Denoised, TrigFlowMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DMD2Config",
+    "DMD2Mixin",
     "DenoiseAdapterMixin",
     "Denoised",
     "DiffusionHost",
+    "DiscriminatorConfig",
     "DistillBatch",
     "DistillConfig",
     "DistillationCoreMixin",
     "EMAConfig",
     "FrameConditioning",
+    "KDConfig",
+    "KDMixin",
     "OptimizerConfig",
     "TimeSamplerConfig",
     "TrigFlowMixin",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from loguru import logger
+
+COMMAND_MODULES: tuple[str, ...] = ("distill_mixins.trainer.cli", "distill_mixins.data.cli")
+"""Modules whose ``register(subparsers)`` adds a subcommand (light imports only; heavy ones inside the handler)."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a short run for CI")
     demo.set_defaults(func=_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
     return parser
 
 

@@ -23,7 +23,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 EMA_KINDS = ("halflife", "power")
 TIME_SAMPLERS = ("shifted_uniform", "lognormal", "logit_normal", "uniform")
 STUDENT_SCHEDULES = ("one_step", "cosmos_4step")
-RENOISE_MODES = ("fresh", "initial")
+RENOISE_MODES = ("fresh", "initial", "ode")
 
 
 def check_choice(owner: str, name: str, value: str, choices: Sequence[str]) -> None:
@@ -166,7 +166,8 @@ class DistillConfig:
     sigma_max: float = 80.0
     """Largest sigma of an EDM host: its one-step student starts at ``t = atan(sigma_max / sigma_data)``."""
     renoise: str = "fresh"
-    """Few-step student sampling: re-noise with fresh noise (FastGen 'sde') or the initial noise (Cosmos)."""
+    """Few-step student sampling: re-noise with fresh noise (FastGen 'sde'), the initial noise (Cosmos), or
+    the noise implied by the current state ('ode', deterministic DDIM; for multi-step KD students)."""
     conditional_sigma: float = 1e-4
     """Noise level given to ground-truth frames of a Video2World condition."""
 

@@ -133,6 +133,20 @@ class DistillationCoreMixin(TrigFlowMixin):
                     p.data = p.data.float()
             self.register_buffer("ema_num_updates", torch.zeros((), dtype=torch.long))
 
+    @torch.no_grad()
+    def load_student_state_dict(self, state: dict[str, Tensor], *, strict: bool = True) -> None:
+        """Start from a previous stage's student (e.g. KD -> DMD2): load ``net`` and reset the EMA to it.
+
+        The critic and the discriminator keep their initialization (the critic a copy of the teacher,
+        as DMD2 prescribes); optimizers are untouched.
+        """
+        self.net.load_state_dict(state, strict=strict)
+        if "net_ema" in self._modules:
+            for p_ema, p in zip(self.net_ema.parameters(), self.net.parameters(), strict=True):
+                p_ema.copy_(p.to(p_ema.dtype))
+            for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers(), strict=True):
+                b_ema.copy_(b)
+
     def trainable_networks(self) -> dict[str, nn.Module]:
         """Every network an optimizer trains, by attribute name (never the teacher or the EMA)."""
         names = self.student_phase_networks + self.critic_phase_networks

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from distill_mixins.config import check_choice
+from distill_mixins.config import RENOISE_MODES, check_choice
 from distill_mixins.trigflow import add_noise, native_to_trigflow_time
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -112,16 +112,21 @@ def sample_student(
     """Few-step student sampling: denoise at each ``t_k``, re-noise to ``t_{k+1}``; returns x0.
 
     ``renoise="fresh"`` draws new noise each step (FastGen 'sde', the default, matching DMD2's
-    backward simulation); ``"initial"`` reuses ``noise`` (Cosmos).
+    backward simulation); ``"initial"`` reuses ``noise`` (Cosmos); ``"ode"`` re-noises with the noise
+    implied by the current state, ``(x_t - cos t x0) / (sigma_d sin t)`` (deterministic DDIM), the
+    natural choice for a multi-step KD student trained on the teacher's ODE path.
     """
-    check_choice("sample_student", "renoise", renoise, ("fresh", "initial"))
+    check_choice("sample_student", "renoise", renoise, RENOISE_MODES)
     x = initial_state(noise, ts[0], sigma_data)
     x0 = x
     times = ts.tolist()
     for k, t in enumerate(times):
         x0 = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
         if k + 1 < len(times):
-            eps = noise if renoise == "initial" else _randn_like(noise, generator)
+            if renoise == "ode":  # the noise implied by the current state (DDIM, Song et al. 2021)
+                eps = (x.double() - math.cos(t) * x0.double()) / (sigma_data * math.sin(t))
+            else:
+                eps = noise if renoise == "initial" else _randn_like(noise, generator)
             x = add_noise(x0, eps, torch.tensor(times[k + 1], dtype=torch.float64), sigma_data)
     return x0
 
@@ -131,3 +136,28 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": sample_euler, "heun": sample_heun}
+
+
+def sample_ode_states(
+    denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, record: tuple[int, ...] = (),
+    sampler: str = "heun",
+) -> tuple[Tensor, Tensor]:
+    """Euler/Heun ODE sampling as :func:`sample_euler`/:func:`sample_heun` (same arithmetic), also returning
+    the states at ``ts[i]`` for ``i`` in ``record`` (ascending grid indices): ``(x0, states (B, K, C, T, H, W))``."""
+    check_choice("sample_ode_states", "sampler", sampler, tuple(SAMPLERS))
+    if list(record) != sorted(set(record)) or any(not 0 <= i < len(ts) for i in record):
+        raise ValueError(
+            f"sample_ode_states record={record}: give ascending, distinct indices into ts (0..{len(ts) - 1})."
+        )
+    x = initial_state(noise, ts[0], sigma_data)
+    states = [x] if 0 in record else []
+    for i, (t, s) in enumerate(zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True), start=1):
+        d = _velocity(denoise, x, t)
+        x_next = x + (s - t) * d
+        if sampler == "heun" and s > 0:
+            x_next = x + (s - t) * 0.5 * (d + _velocity(denoise, x_next, s))
+        x = x_next
+        if i in record:
+            states.append(x)
+    path = torch.stack(states, dim=1) if states else x.new_empty((x.shape[0], 0, *x.shape[1:]))
+    return x, path

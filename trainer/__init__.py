@@ -1,5 +1,47 @@
 """distill_mixins.trainer: the dedicated distillation trainer (installed from top-level trainer/).
 
-The trainer lands with its own issue; until then, drive a composed model with a plain loop:
-``out, loss = model.training_step(batch, it); loss.backward(); model.optimizer_step(it)``.
+``DistillationTrainer(model, data, TrainerConfig(...)).fit()`` drives ``model.training_step`` with gradient
+accumulation, autocast, checkpoints (``distill_mixins.checkpointer``), auto-resume, signal handling and
+callbacks. A loop you already have works too: see docs/existing_loop.md.
 """
+
+from distill_mixins.trainer.callbacks import (
+    Callback,
+    JsonlMetrics,
+    LoguruLogger,
+    ProgressBar,
+    StepResult,
+    TensorBoardLogger,
+    TrainResult,
+    ValidationCallback,
+    VisualCallback,
+    student_sample_validation,
+)
+from distill_mixins.trainer.config import TrainerConfig
+from distill_mixins.trainer.data import DataSource, FunctionData, IterableData, MapStyleData, as_data_source
+from distill_mixins.trainer.seeding import isolated_rng, seed_everything
+from distill_mixins.trainer.trainer import DistillationTrainer, NonFiniteLossError, standard_callbacks
+
+__all__ = [
+    "Callback",
+    "DataSource",
+    "DistillationTrainer",
+    "FunctionData",
+    "IterableData",
+    "JsonlMetrics",
+    "LoguruLogger",
+    "MapStyleData",
+    "NonFiniteLossError",
+    "ProgressBar",
+    "StepResult",
+    "TensorBoardLogger",
+    "TrainResult",
+    "TrainerConfig",
+    "ValidationCallback",
+    "VisualCallback",
+    "as_data_source",
+    "isolated_rng",
+    "seed_everything",
+    "standard_callbacks",
+    "student_sample_validation",
+]

@@ -1,1 +1,6 @@
-"""Distillation methods, one per file (KD, DMD2, ... land with their issues)."""
+"""Distillation methods: one method, one file."""
+
+from distill_mixins.methods.dmd2 import DMD2Config, DMD2Mixin
+from distill_mixins.methods.kd import KDConfig, KDMixin
+
+__all__ = ["DMD2Config", "DMD2Mixin", "KDConfig", "KDMixin"]

@@ -1,0 +1,63 @@
+"""The stage bridge: extract a checkpoint's student (or its EMA) to one safetensors file, and load it anywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distill_mixins.checkpointer.checkpointer import resolve_checkpoint, verify_checkpoint
+from distill_mixins.checkpointer.files import CheckpointError, fsync_dir, save_safetensors
+from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+STUDENT_FORMAT = "distill-mixins-student/1"
+
+
+def extract_student_weights(checkpoint: str | Path, output: str | Path, *, ema: bool = False) -> Path:
+    """Write the student (``ema=True``: its EMA) of a checkpoint to ``output`` (safetensors, atomic).
+
+    ``checkpoint``: a checkpoint directory, a checkpoints directory or a run directory (newest usable one).
+    Keys are the network's own ``state_dict`` keys, so the file loads into ``host.net`` of a plain host.
+    """
+    path = resolve_checkpoint(checkpoint)
+    manifest = verify_checkpoint(path)
+    attr = "net_ema" if ema else "net"
+    if attr not in manifest["networks"]:
+        hint = "the run had no EMA (DistillConfig.ema=None); extract without --ema" if ema else "it has no student"
+        raise CheckpointError(f"{path} holds no {'EMA' if ema else 'student'} weights: {hint}.")
+    tensors = load_file(str(path / manifest["networks"][attr]))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    meta = {"format": STUDENT_FORMAT, "source": str(path), "iteration": str(manifest["iteration"]), "network": attr}
+    save_safetensors(tensors, tmp, meta)
+    os.replace(tmp, output)
+    fsync_dir(output.parent)
+    logger.info("wrote {} ({} of {}, iteration {})", output, "EMA" if ema else "student", path, manifest["iteration"])
+    return output
+
+
+def student_file_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a student weights file (format, source checkpoint, iteration, network)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_student_weights(target: nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """Load a student weights file into ``target``.
+
+    ``target`` may be a distillation model (its ``load_student_state_dict``: student, EMA reset to it),
+    a plain host for inference (loads into ``host.net``), or the network itself.
+    """
+    state = load_file(str(path))
+    try:
+        if hasattr(target, "load_student_state_dict"):
+            target.load_student_state_dict(state, strict=strict)
+        elif isinstance(getattr(target, "net", None), nn.Module) and callable(getattr(target, "predict", None)):
+            target.net.load_state_dict(state, strict=strict)
+        else:
+            target.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit {type(target).__name__}'s student network: {error}") from error

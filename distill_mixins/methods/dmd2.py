@@ -1,0 +1,288 @@
+"""DMD2: distribution matching distillation with a fake-score critic (Yin et al. 2024, arXiv 2405.14867).
+
+As implemented by Cosmos-Predict2.5 / FastGen (MATH.md section 4): the student's sample ``G`` is
+re-noised at a critic time ``t``; the teacher (with CFG) and the critic denoise it; the student
+follows ``grad = (x0_fake - x0_teacher) / w``; the critic learns to denoise student samples with the
+``1 / sin^2 t`` weighting. Optional GAN heads (:mod:`distill_mixins.discriminator`) read features
+tapped by forward hooks from the teacher or the critic.
+
+Memory: the teacher and the critic run under ``no_grad`` in the student phase unless a GAN term
+needs their graph; the student sample runs under ``no_grad`` in the critic phase.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill_mixins.config import DistillConfig, OptimizerConfig, TimeSamplerConfig, check_choice, check_positive
+from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.discriminator import (
+    DiscriminatorConfig,
+    FeatureTaps,
+    build_discriminator,
+    find_blocks,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    r1_penalty,
+)
+from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state
+from distill_mixins.trigflow import add_noise
+
+CRITIC_SAMPLES = ("final", "simulated")
+
+
+def _optimizer(lr: float, **kwargs: Any) -> OptimizerConfig:
+    return OptimizerConfig(name="adamw", lr=lr, betas=(0.0, 0.999), weight_decay=0.01, grad_clip=1.0, **kwargs)
+
+
+@dataclass
+class DMD2Config(DistillConfig):
+    """DMD2 settings. Defaults follow Cosmos-Predict2.5 (see :meth:`cosmos_predict2_5`), with one student step.
+
+    Guidance is the standard form ``x0_u + w (x0_c - x0_u)`` (docs/guidance.md maps Cosmos and FastGen scales).
+    """
+
+    student_update_freq: int = 5
+    student_optimizer: OptimizerConfig = field(default_factory=lambda: _optimizer(1e-6))
+    critic_optimizer: OptimizerConfig = field(default_factory=lambda: _optimizer(2e-7))
+    guidance_scale: float = 4.0
+    """Teacher CFG scale w (standard form); Cosmos-Predict2.5's teacher_guidance 3 is w = 4."""
+    use_negative_condition: bool = False
+    """Use the batch's ``negative_condition`` (host condition format) instead of the uncondition for CFG."""
+    critic_time: TimeSamplerConfig = field(default_factory=lambda: TimeSamplerConfig(kind="shifted_uniform", shift=5.0))
+    """Times at which student samples are re-noised for the teacher and the critic."""
+    backward_simulation: bool = True
+    """Multi-step students: run n ~ U{1..K} student steps, gradient on the last only (else always K)."""
+    critic_samples: str = "final"
+    """Samples the critic fits in critic phases: the student's ``final`` K-step samples (the distribution
+    sampled at inference), or ``simulated`` ones (n ~ U{1..K} steps, like the student phase)."""
+    dmd_weight_min: float = 1e-5
+    """Clamp of the per-sample normalizer ``w = mean |G - x0_teacher|``."""
+    gan_loss_weight: float = 0.0
+    """Weight of the generator GAN term; 0 turns the GAN (and the discriminator) off."""
+    discriminator: DiscriminatorConfig | None = None
+    """GAN heads and feature taps; required when ``gan_loss_weight > 0``."""
+    discriminator_optimizer: OptimizerConfig = field(default_factory=lambda: _optimizer(2e-7))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("DMD2Config", "critic_samples", self.critic_samples, CRITIC_SAMPLES)
+        check_positive("DMD2Config", "guidance_scale", self.guidance_scale)
+        check_positive("DMD2Config", "dmd_weight_min", self.dmd_weight_min)
+        check_positive("DMD2Config", "gan_loss_weight", self.gan_loss_weight, allow_zero=True)
+        if not isinstance(self.critic_time, TimeSamplerConfig):
+            raise TypeError(f"DMD2Config.critic_time must be a TimeSamplerConfig, got {self.critic_time!r}.")
+        if self.gan_loss_weight > 0 and self.discriminator is None:
+            raise ValueError(
+                f"DMD2Config.gan_loss_weight={self.gan_loss_weight} needs DMD2Config.discriminator="
+                "DiscriminatorConfig(...) (the GAN heads and the feature taps); or set gan_loss_weight=0."
+            )
+        if self.discriminator is not None and not isinstance(self.discriminator, DiscriminatorConfig):
+            raise TypeError(f"DMD2Config.discriminator must be a DiscriminatorConfig, got {self.discriminator!r}.")
+        if not isinstance(self.discriminator_optimizer, OptimizerConfig):
+            raise TypeError("DMD2Config.discriminator_optimizer must be an OptimizerConfig.")
+
+    @classmethod
+    def cosmos_predict2_5(cls, **overrides: Any) -> DMD2Config:
+        """Cosmos-Predict2.5 DMD2: 4-step student, no GAN, teacher_guidance 3 (w = 4), shift 5,
+        student lr 1e-6, critic lr 2e-7, grad clip 1.0, update freq 5."""
+        values: dict[str, Any] = {
+            "student_schedule": "cosmos_4step", "student_shift": 5.0, "student_update_freq": 5,
+            "guidance_scale": cosmos_guidance_to_w(3.0), "student_optimizer": _optimizer(1e-6),
+            "critic_optimizer": _optimizer(2e-7), "critic_time": TimeSamplerConfig(kind="shifted_uniform", shift=5.0),
+            "gan_loss_weight": 0.0, "renoise": "initial",
+        }
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def cosmos_transfer1(cls, discriminator: DiscriminatorConfig, **overrides: Any) -> DMD2Config:
+        """Cosmos-Transfer1 DMD2: 1 step, no CFG at inference, guidance 5 (Cosmos form: w = 6), GAN weight 1e-3
+        on teacher features (conv3d heads), lr 5e-7, update freq 5; ``discriminator`` names the taps."""
+        values: dict[str, Any] = {
+            "student_schedule": "one_step", "student_update_freq": 5, "guidance_scale": cosmos_guidance_to_w(5.0),
+            "student_optimizer": _optimizer(5e-7), "critic_optimizer": _optimizer(5e-7),
+            "discriminator_optimizer": _optimizer(5e-7), "gan_loss_weight": 1e-3, "discriminator": discriminator,
+        }
+        return cls(**{**values, **overrides})
+
+
+def dmd_loss(G: Tensor, x0_teacher: Tensor, x0_fake: Tensor, weight_min: float = 1e-5) -> Tensor:
+    """``0.5 mean (G - sg(G - grad))^2`` with ``grad = (x0_fake - x0_teacher) / w``, ``w = mean|G - x0_teacher|``
+    per sample (DMD2, Yin et al. 2024, eq. 2-3 as in Cosmos/FastGen); its gradient w.r.t. G is ``grad / numel``."""
+    G, x0_teacher, x0_fake = G.double(), x0_teacher.double(), x0_fake.double()
+    dims = tuple(range(1, G.ndim))
+    w = (G.detach() - x0_teacher).abs().mean(dim=dims, keepdim=True).clamp(min=weight_min)
+    grad = (x0_fake - x0_teacher) / w
+    return 0.5 * (G - (G.detach() - grad)).pow(2).mean()
+
+
+def fake_score_loss(G: Tensor, x0_fake: Tensor, t: Tensor) -> Tensor:
+    """``mean (G - x0_fake(x_t))^2 / sin^2 t``: the critic's denoising loss (Cosmos-Predict2.5 weighting)."""
+    per_sample = (G.float() - x0_fake.float()).pow(2).flatten(1).mean(1)
+    return (per_sample / torch.sin(t.to(per_sample.device)).pow(2).to(per_sample.dtype)).mean()
+
+
+class DMD2Mixin(DistillationCoreMixin):
+    """DMD2 (Yin et al. 2024): student phases follow the teacher-minus-critic score; critic phases fit student samples.
+
+    Compose before the host: ``class MyDMD2(DMD2Mixin, MyVideo2WorldModel)``, construct with
+    ``MyDMD2(<host args>, distill=DMD2Config())``. Networks: ``net`` (student), ``net_fake_score`` (critic,
+    a copy of the teacher unless ``critic_net`` is set), ``net_discriminator`` (GAN heads, when enabled).
+    An optional host method ``feature_blocks(net) -> Sequence[nn.Module]`` names the blocks feature taps index;
+    otherwise ``DiscriminatorConfig.block_path`` (or the longest ``nn.ModuleList``) does.
+    """
+
+    config_class = DMD2Config
+    uses_critic = True
+
+    def __init__(self, *args: Any, distill: DMD2Config | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, distill=distill, **kwargs)
+        config: DMD2Config = self.distill_config  # type: ignore[assignment]
+        if config.gan_loss_weight > 0:
+            assert config.discriminator is not None
+            self.net_discriminator = build_discriminator(config.discriminator).train()
+            names = frozenset(n for n, _ in self.net_discriminator.named_parameters())
+            self._trained_names["net_discriminator"] = names
+            self.nonfinite_grad_counts["net_discriminator"] = 0
+            self.feature_taps()  # bad block paths or tap indices fail now, not in the first step
+
+    def optimizer_config(self, name: str) -> OptimizerConfig:
+        """Student, critic, or discriminator optimizer settings."""
+        if name == "net_discriminator":
+            return self.distill_config.discriminator_optimizer  # type: ignore[attr-defined]
+        return super().optimizer_config(name)
+
+    # ------------------------------------------------------------------ pieces
+
+    def student_sample(self, data: DistillBatch, noise: Tensor, *, grad: bool, simulate: bool = True) -> Tensor:
+        """Student x0 ``G`` (B, C, T, H, W) from unit-normal ``noise``: one step, or a backward simulation of
+        n ~ U{1..K} steps (``simulate`` and ``backward_simulation``; else all K), the first n-1 without gradient."""
+        config: DMD2Config = self.distill_config  # type: ignore[assignment]
+        ts = self.student_times()
+        n = len(ts)
+        if n > 1 and config.backward_simulation and simulate:
+            n = int(torch.randint(1, len(ts) + 1, ()).item())
+        x_t = initial_state(noise, ts[0], self.sigma_data)
+        with torch.no_grad():
+            for k in range(n - 1):
+                x0 = self.trigflow_denoise(self.net, x_t, ts[k], data.condition).x0
+                eps = noise if config.renoise == "initial" else torch.randn_like(noise)
+                if config.renoise == "ode":
+                    eps = (x_t.double() - torch.cos(ts[k]) * x0.double()) / (self.sigma_data * torch.sin(ts[k]))
+                x_t = add_noise(x0, eps, ts[k + 1], self.sigma_data)
+        with nullcontext() if grad else torch.no_grad():
+            return self.trigflow_denoise(self.net, x_t, ts[n - 1], data.condition).x0
+
+    def teacher_x0(self, data: DistillBatch, x_t: Tensor, t: Tensor, x0_cond: Tensor | None = None) -> Tensor:
+        """Teacher x0 with CFG ``x0_u + w (x0_c - x0_u)`` (the negative condition if configured), no gradient.
+
+        ``x0_cond``: the conditional branch when already computed (e.g. by the tapped teacher forward)."""
+        config: DMD2Config = self.distill_config  # type: ignore[assignment]
+        with torch.no_grad():
+            x0_c = x0_cond.detach() if x0_cond is not None else None
+            if x0_c is None:
+                x0_c = self.trigflow_denoise(self.net_teacher, x_t, t, data.condition).x0
+            if config.guidance_scale == 1.0:
+                return x0_c
+            x0_u = self.trigflow_denoise(self.net_teacher, x_t, t, self.negative_condition(data)).x0
+            return guided_x0(x0_c, x0_u, config.guidance_scale)
+
+    def negative_condition(self, data: DistillBatch) -> Any:
+        """The CFG branch subtracted by guidance: the uncondition, or the batch's ``negative_condition``."""
+        if not self.distill_config.use_negative_condition:  # type: ignore[attr-defined]
+            return data.uncondition
+        if not isinstance(data.raw, dict) or "negative_condition" not in data.raw:
+            raise KeyError(
+                "DMD2Config.use_negative_condition=True needs batch['negative_condition'] (in the host's condition "
+                "format, e.g. the embedding of the negative prompt)."
+            )
+        return data.raw["negative_condition"]
+
+    def _tap_network(self, source: str) -> nn.Module:
+        return self.net_teacher if source == "teacher" else self.net_fake_score
+
+    def feature_taps(self) -> FeatureTaps:
+        """Forward hooks on the configured blocks of the tapped network (teacher or critic)."""
+        config: DiscriminatorConfig = self.distill_config.discriminator  # type: ignore[attr-defined]
+        net = self._tap_network(config.source)
+        host_blocks = getattr(self, "feature_blocks", None)  # optional host member
+        blocks = host_blocks(net) if callable(host_blocks) else find_blocks(net, config.block_path)
+        return FeatureTaps(blocks, config.taps)
+
+    def _discriminate(self, data: DistillBatch, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Discriminator logits (B,) of ``x_t`` from tapped features, and the tapped network's x0."""
+        source = self.distill_config.discriminator.source  # type: ignore[attr-defined]
+        with self.feature_taps() as taps:
+            x0 = self.trigflow_denoise(self._tap_network(source), x_t, t, data.condition).x0
+        return self.net_discriminator(taps.features), x0
+
+    @property
+    def gan_enabled(self) -> bool:
+        """Whether the GAN terms run (``gan_loss_weight > 0``)."""
+        return self.distill_config.gan_loss_weight > 0  # type: ignore[attr-defined]
+
+    # ----------------------------------------------------------------- phases
+
+    def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Student phase: DMD gradient of the re-noised student sample (+ the generator GAN term)."""
+        config: DMD2Config = self.distill_config  # type: ignore[assignment]
+        noise = torch.randn_like(data.x0)
+        G = self.student_sample(data, noise, grad=True)
+        t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
+        x_t = add_noise(G, torch.randn_like(G), t, self.sigma_data)
+        logits, x0_tapped = self._discriminate(data, x_t, t) if self.gan_enabled else (None, None)
+        source = config.discriminator.source if self.gan_enabled else None  # type: ignore[union-attr]
+        x0_teacher = self.teacher_x0(data, x_t.detach(), t, x0_tapped if source == "teacher" else None)
+        if source == "critic":
+            x0_fake = x0_tapped.detach()  # type: ignore[union-attr]
+        else:
+            with torch.no_grad():
+                x0_fake = self.trigflow_denoise(self.net_fake_score, x_t.detach(), t, data.condition).x0
+        output: dict[str, Tensor] = {}
+        loss = dmd_loss(G, x0_teacher, x0_fake, config.dmd_weight_min).float()
+        output["loss_dmd"] = loss.detach()
+        if logits is not None:
+            loss_gan = gan_generator_loss(logits)
+            output["loss_gan_generator"] = loss_gan.detach()
+            loss = loss + config.gan_loss_weight * loss_gan
+        return output, loss
+
+    def training_step_critic(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Critic phase: fake-score denoising loss on student samples (+ discriminator loss and R1)."""
+        config: DMD2Config = self.distill_config  # type: ignore[assignment]
+        simulate = config.critic_samples == "simulated"
+        G = self.student_sample(data, torch.randn_like(data.x0), grad=False, simulate=simulate)
+        t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
+        eps = torch.randn_like(G)
+        x_t = add_noise(G, eps, t, self.sigma_data)
+        output: dict[str, Tensor] = {}
+        if not self.gan_enabled:
+            loss = fake_score_loss(G, self.trigflow_denoise(self.net_fake_score, x_t, t, data.condition).x0, t)
+            output["loss_fake_score"] = loss.detach()
+            return output, loss
+        disc: DiscriminatorConfig = config.discriminator  # type: ignore[assignment]
+        if disc.source == "critic":
+            logits_fake, x0_fake = self._discriminate(data, x_t, t)
+        else:
+            x0_fake = self.trigflow_denoise(self.net_fake_score, x_t, t, data.condition).x0
+            logits_fake = self._discriminate(data, x_t, t)[0]
+        loss = fake_score_loss(G, x0_fake, t)
+        output["loss_fake_score"] = loss.detach()
+        x_real = add_noise(data.x0, eps, t, self.sigma_data).detach().requires_grad_(disc.r1_weight > 0)
+        logits_real = self._discriminate(data, x_real, t)[0]
+        loss_d = gan_discriminator_loss(logits_fake, logits_real)
+        output["loss_gan_discriminator"] = loss_d.detach()
+        loss = loss + loss_d
+        if disc.r1_weight > 0:
+            r1 = r1_penalty(logits_real, x_real)
+            output["loss_r1"] = r1.detach()
+            loss = loss + disc.r1_weight * r1
+        return output, loss
+
+
+__all__ = ["DMD2Config", "DMD2Mixin", "dmd_loss", "fake_score_loss"]

@@ -1,0 +1,119 @@
+"""Run the stages of a run config in order; each stage after the first starts from the previous stage's student.
+
+Stage ``name`` trains in ``<run_dir>/<name>`` (its checkpoints, metrics, config) and ends by extracting
+``student.safetensors`` (and ``student_ema.safetensors`` with EMA). Running the same config again resumes:
+completed stages are skipped, an interrupted one continues from its newest usable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill_mixins.checkpointer import DistillCheckpointer, extract_student_weights, load_student_weights
+from distill_mixins.checkpointer.checkpointer import read_manifest
+from distill_mixins.checkpointer.files import write_text_atomic
+from distill_mixins.trainer.callbacks import TrainResult
+from distill_mixins.trainer.config import TrainerConfig
+from distill_mixins.trainer.seeding import seed_everything
+from distill_mixins.trainer.trainer import DistillationTrainer
+from loguru import logger
+
+from distill_mixins.run_config import RunConfig, StageConfig, build_dataclass, method_mixin, resolve_object
+
+STUDENT_FILE = "student.safetensors"
+EMA_FILE = "student_ema.safetensors"
+
+
+@dataclass
+class StageResult:
+    """A stage's directory, its training result (None when it was already complete) and its student files."""
+
+    name: str
+    run_dir: Path
+    result: TrainResult | None
+    student: Path | None
+    student_ema: Path | None
+
+    @property
+    def completed(self) -> bool:
+        """True when the stage ran (or had run) all its iterations."""
+        return self.result is None or self.result.completed
+
+
+def stage_trainer_config(run: RunConfig, index: int) -> TrainerConfig:
+    """The stage's TrainerConfig: its ``trainer`` fields, ``seed`` defaulting to the run's, ``run_dir`` the stage's."""
+    stage = run.stages[index]
+    values = {"seed": run.seed, **stage.trainer, "run_dir": str(Path(run.run_dir) / stage.name)}
+    return build_dataclass(TrainerConfig, values, f"stages.{index}.trainer")
+
+
+def _finished_checkpoint(config: TrainerConfig) -> Path | None:
+    path = DistillCheckpointer(Path(config.run_dir) / "checkpoints").find_resumable()
+    if path is not None and int(read_manifest(path)["iteration"]) >= config.iterations:
+        return path
+    return None
+
+
+def _extract(checkpoint: Path, stage_dir: Path) -> tuple[Path, Path | None]:
+    student = extract_student_weights(checkpoint, stage_dir / STUDENT_FILE)
+    ema = None
+    if "net_ema" in read_manifest(checkpoint)["networks"]:
+        ema = extract_student_weights(checkpoint, stage_dir / EMA_FILE, ema=True)
+    return student, ema
+
+
+def _initial_weights(stage: StageConfig, previous: StageResult | None) -> Path | None:
+    if previous is None or stage.init_from_previous == "none":
+        return None
+    if stage.init_from_previous == "ema":
+        if previous.student_ema is None:
+            raise ValueError(
+                f"stage {stage.name!r} init_from_previous='ema' but stage {previous.name!r} has no EMA: "
+                "set its method_config.ema, or use init_from_previous='student'."
+            )
+        return previous.student_ema
+    return previous.student
+
+
+def run_stage(run: RunConfig, index: int, previous: StageResult | None, resolved: dict[str, Any]) -> StageResult:
+    """Build the stage's model (seeded), load the previous student, build data and callbacks, train, extract."""
+    stage = run.stages[index]
+    config = stage_trainer_config(run, index)
+    stage_dir = Path(config.run_dir)
+    finished = _finished_checkpoint(config)
+    if finished is not None:
+        logger.info("stage {} is complete ({}); skipping it", stage.name, finished)
+        return StageResult(stage.name, stage_dir, None, *_extract(finished, stage_dir))
+    mixin = method_mixin(stage.method)
+    distill = build_dataclass(mixin.config_class, stage.method_config, f"stages.{index}.method_config")
+    seed_everything(config.seed)
+    model = resolve_object(stage.model, f"stages.{index}.model")(mixin, distill, **stage.model_args)
+    init = _initial_weights(stage, previous)
+    if init is not None:
+        load_student_weights(model, init)
+        logger.info("stage {} starts from {}", stage.name, init)
+    data = resolve_object(stage.data, f"stages.{index}.data")(model, seed=config.seed, **stage.data_args)
+    callbacks = [resolve_object(spec, f"stages.{index}.callbacks")(model, data) for spec in stage.callbacks]
+    extra = {"run": resolved, "stage": stage.name, "initial_student": str(init) if init else None}
+    result = DistillationTrainer(model, data, config, callbacks, extra_config=extra).fit()
+    if not result.completed:
+        return StageResult(stage.name, stage_dir, result, None, None)
+    return StageResult(stage.name, stage_dir, result, *_extract(result.checkpoint, stage_dir))
+
+
+def run_stages(run: RunConfig) -> list[StageResult]:
+    """Run every stage in order, writing the resolved config to ``<run_dir>/run_config.json`` first; stops after
+    a stage that did not complete (a signal)."""
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run.to_dict()
+    write_text_atomic(run_dir / "run_config.json", json.dumps(resolved, indent=2))
+    results: list[StageResult] = []
+    for index in range(len(run.stages)):
+        results.append(run_stage(run, index, results[-1] if results else None, resolved))
+        if not results[-1].completed:
+            break
+    return results
