@@ -2,9 +2,9 @@
 
 The teacher is the exact denoiser of an 8-mode conditional Gaussian mixture, exposed as a
 rectified-flow velocity host (the Cosmos-Predict2.5 parameterization). The demo draws a pool
-of (noise, teacher 36-step Heun CFG output) pairs, then trains a small MLP student to map the
-noise to the teacher's output in one step. It runs until the toy Video2World demo lands;
-KDMixin (sharded teacher data) supersedes its in-memory pair pool.
+of (noise, teacher 36-step Heun CFG output) pairs, then trains a small MLP student with
+:class:`~distill_mixins.methods.kd.KDMixin` to map the noise to the teacher's output in one step.
+It runs until the toy Video2World demo lands.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from loguru import logger
 from torch import Tensor
 from tqdm import tqdm
 
-from distill_mixins.config import DistillConfig, OptimizerConfig
-from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.config import OptimizerConfig
 from distill_mixins.eval.images import hstack_panels, scatter_panel, write_png
 from distill_mixins.eval.metrics import sliced_wasserstein2
-from distill_mixins.sampling import initial_state
+from distill_mixins.methods.kd import KDConfig, KDMixin
 from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, ring_mixture
 from distill_mixins.testing.gmm import GaussianMixture
 
@@ -33,8 +32,8 @@ TEACHER_STEPS = 36
 
 
 @dataclass
-class AnalyticDemoConfig(DistillConfig):
-    """Demo method settings: teacher steps and CFG scale (standard form, MATH.md section 2)."""
+class AnalyticDemoConfig(KDConfig):
+    """KD settings plus the demo's teacher steps and CFG scale (standard form, MATH.md section 2)."""
 
     teacher_steps: int = TEACHER_STEPS
     guidance: float = 2.0
@@ -43,22 +42,6 @@ class AnalyticDemoConfig(DistillConfig):
         super().__post_init__()
         if self.teacher_steps < 1:
             raise ValueError(f"AnalyticDemoConfig.teacher_steps={self.teacher_steps} must be >= 1.")
-
-
-class TeacherRegressionMixin(DistillationCoreMixin):
-    """1-step student regressing the teacher's multi-step CFG sample from the same noise:
-    ``L = 0.5 ||x0_student(noise, t_max) - x0_teacher||^2`` (Luhman & Luhman 2021, arXiv 2101.02388).
-    Batches carry ``noise`` and ``teacher_x0`` (B, C, T, H, W)."""
-
-    config_class = AnalyticDemoConfig
-
-    def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
-        noise, x0_teacher = data.raw["noise"], data.raw["teacher_x0"]
-        t_max = self.student_times()[0]
-        x_t = initial_state(noise, t_max, self.sigma_data)  # the state generate() starts from
-        x0 = self.trigflow_denoise(self.net, x_t, t_max, data.condition).x0
-        loss = 0.5 * (x0 - x0_teacher).pow(2).mean()
-        return {"loss_kd": loss.detach()}, loss
 
 
 @torch.no_grad()
@@ -79,8 +62,10 @@ def teacher_pairs(
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-class AnalyticDistill(TeacherRegressionMixin, ToyHost):
-    """The exact mixture teacher composed with the demo method, as a user would compose theirs."""
+class AnalyticDistill(KDMixin, ToyHost):
+    """The exact mixture teacher composed with KD, as a user would compose theirs."""
+
+    config_class = AnalyticDemoConfig
 
 
 @dataclass

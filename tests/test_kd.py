@@ -162,18 +162,46 @@ def test_one_step_kd_matches_the_36_step_teacher(pairs):
     rel, rel_teacher = relative_mse(student, held_out["teacher_x0"]), relative_mse(teacher_1, held_out["teacher_x0"])
     print(f"\n1-step KD student: relative MSE {rel:.4f} to the 36-step teacher (goal <= 0.01) after {seconds:.1f} s; "
           f"teacher at 1 step: {rel_teacher:.4f}")
-    assert seconds < 120
     assert rel <= 0.01
     assert rel_teacher > 50 * rel
+
+
+def train_and_compare(model: AnalyticKD, train_pool: dict, held_out: dict, iterations: int, what: str, note: str):
+    """Train, sample the held-out noise with the student, print and return its relative MSE to the teacher."""
+    seconds = train(model, train_pool, iterations)
+    rel = relative_mse(model.generate(held_out["label"], held_out["noise"]), held_out["teacher_x0"])
+    print(f"\n4-step KD student ({what}): relative MSE {rel:.4f} to the teacher ({note}) after {seconds:.1f} s")
+    return rel
 
 
 def test_four_step_kd_matches_the_36_step_teacher(pairs):
     train_pool, held_out = pairs
     model = make_kd(student_schedule="cosmos_4step", multistep_input="interpolated")
-    seconds = train(model, train_pool, 4000)
-    student = model.generate(held_out["label"], held_out["noise"])
-    rel = relative_mse(student, held_out["teacher_x0"])
-    print(f"\n4-step KD student (interpolated input, renoise 'initial'): relative MSE {rel:.4f} to the 36-step "
-          f"teacher (goal <= 0.005) after {seconds:.1f} s")
-    assert seconds < 120
+    rel = train_and_compare(model, train_pool, held_out, 4000, "interpolated input, renoise 'initial'", "goal <= 0.005")
     assert rel <= 0.005
+
+
+def generated_pool(model: AnalyticKD, out_dir, n: int, seed: int, batches_seed: int) -> dict[str, torch.Tensor]:
+    """KD data through the library pipeline: generate_kd_data shards (with the ODE path), read by KDShardDataset."""
+    from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
+    from distill_mixins.data.examples import analytic_batches
+
+    config = KDDataConfig(num_samples=n, guidance=GUIDANCE, seed=seed, shard_size=4096, batch_size=4096,
+                          path_times=tuple(model.student_times().tolist()))
+    generate_kd_data(model, analytic_batches(4096, seed=batches_seed), out_dir, config)
+    dataset = KDShardDataset(out_dir)
+    return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+
+
+def test_four_step_kd_on_the_teacher_ode_path_from_generated_shards(tmp_path):
+    """``multistep_input="path"`` end to end (generate_kd_data -> KDShardDataset -> KD). A student fed the ODE path
+    cannot beat the gap of an exact flow-map student (about 1%, benchmarks/kd_multistep_bound.py)."""
+    model = make_kd(student_schedule="cosmos_4step")
+    train_pool = generated_pool(model, tmp_path / "train", 16384, seed=1, batches_seed=1)
+    held_out = generated_pool(model, tmp_path / "held_out", 2048, seed=2, batches_seed=2)
+    assert train_pool["path"].shape == (16384, 4, *SHAPE) and torch.equal(
+        train_pool["path"][:, 0], math.sin(float(model.student_times()[0])) * train_pool["noise"]
+    )
+    rel = train_and_compare(model, train_pool, held_out, 4000, "ODE path input, renoise 'ode'",
+                            "an exact flow-map student: ~0.010")
+    assert rel <= 0.03

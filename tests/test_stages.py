@@ -139,12 +139,11 @@ def test_two_stages_run_end_to_end_through_the_cli_and_a_rerun_resumes(tmp_path)
     assert (run / "kd_4step" / "checkpoints" / "iter_000003" / "manifest.json").read_bytes() == manifest  # skipped
 
 
-def test_each_stage_starts_from_the_previous_stage_student_or_ema(tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "two_phase", "tests.conftest:TwoPhaseMethod")  # a DMD2-like method, one line
+def test_each_stage_starts_from_the_previous_stage_student_or_ema(tmp_path):
     config = {"run_dir": str(tmp_path), "stages": [
         stage("kd", 3, method_config={"ema": {"halflife_steps": 1.0}}),
-        stage("critic", 0, method="two_phase", init_from_previous="ema",
-              method_config={"student_update_freq": 5, "critic_optimizer": ADAM}),
+        stage("critic", 0, method="dmd2", init_from_previous="ema",
+              method_config={"student_update_freq": 5, "critic_optimizer": ADAM, "guidance_scale": 2.0}),
         stage("kd_again", 0, init_from_previous="student"),
     ]}
     results = run_stages(RunConfig(**config))

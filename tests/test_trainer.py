@@ -25,6 +25,7 @@ from distill_mixins.trainer import (
     TrainerConfig,
     ValidationCallback,
     VisualCallback,
+    distillation_rows,
     seed_everything,
     student_sample_validation,
 )
@@ -402,3 +403,17 @@ def test_a_config_without_critic_trains_only_the_student(tmp_path):
     assert list(model.optimizers()) == ["net"]
     trainer = train(model, kd_batch, tmp_path, 3)
     assert trainer.result.completed and isinstance(model.distill_config, DistillConfig)
+
+
+def test_the_default_training_visual_writes_a_png_and_a_gif_of_the_four_rows(tmp_path):
+    build, data = METHODS["kd"]
+    batch = kd_batch(0)
+    rows_fn = distillation_rows(batch, guidance=2.0)
+    model = build()
+    rows = rows_fn(model, 0)
+    assert list(rows) == ["student 1-step", "teacher 1-step", "condition", "ground truth"]
+    assert torch.equal(rows["student 1-step"], model.generate(batch["label"], batch["noise"]))
+    assert rows["condition"] is None and torch.equal(rows["ground truth"], batch["x0"])
+    train(model, data, tmp_path, 2, [VisualCallback(rows_fn)], visual_every=2)
+    png, gif = tmp_path / "visuals" / "visual-000002.png", tmp_path / "visuals" / "visual-000002.gif"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and gif.read_bytes()[:6] == b"GIF89a"

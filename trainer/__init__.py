@@ -15,6 +15,7 @@ from distill_mixins.trainer.callbacks import (
     TrainResult,
     ValidationCallback,
     VisualCallback,
+    distillation_rows,
     student_sample_validation,
 )
 from distill_mixins.trainer.config import TrainerConfig
@@ -39,6 +40,7 @@ __all__ = [
     "TrainerConfig",
     "ValidationCallback",
     "VisualCallback",
+    "distillation_rows",
     "as_data_source",
     "isolated_rng",
     "seed_everything",

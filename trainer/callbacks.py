@@ -283,6 +283,30 @@ class VisualCallback(Callback):
         self.writer(out_dir, completed, rows)
 
 
+def distillation_rows(
+    batch: dict[str, Any], *, guidance: float = 1.0, condition_key: str | None = None, use_ema: bool = False,
+    seed: int = 0,
+) -> RowsFn:
+    """A ``rows_fn`` for the training visual (KD issue): rows ``student 1-step``, ``teacher 1-step`` (the gap),
+    ``condition`` (``batch[condition_key]``, a (B, C, T, H, W) control video, or the ground-truth frames of a
+    Video2World condition) and ``ground truth`` (``batch["x0"]``), all from the batch's ``noise`` (B, C, T, H, W)
+    (drawn from ``seed`` when absent). The teacher's CFG scale ``guidance`` is in the standard form."""
+
+    def rows(model: nn.Module, iteration: int) -> dict[str, Tensor | None]:
+        data = model.prepare_data(batch)
+        noise = batch.get("noise")
+        if noise is None:
+            noise = torch.randn(data.x0.shape, generator=torch.Generator().manual_seed(seed)).to(data.x0)
+        student = model.generate(data.condition, noise, schedule="one_step", use_ema=use_ema)
+        teacher = model.generate_teacher(data.condition, noise, uncondition=data.uncondition, guidance=guidance,
+                                         steps=1, sampler="euler")
+        condition = batch.get(condition_key) if condition_key else getattr(data.condition, "gt_frames", None)
+        return {"student 1-step": student, "teacher 1-step": teacher, "condition": condition,
+                "ground truth": data.x0}
+
+    return rows
+
+
 ValidateFn = Callable[[nn.Module, int], dict[str, float]]
 
 
