@@ -34,6 +34,7 @@ from loguru import logger
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from distill_mixins.checkpointer.files import fsync_dir, fsync_file, sha256_file
 from distill_mixins.config import check_choice, check_positive
 from distill_mixins.core import DistillBatch
 from distill_mixins.sampling import GRIDS, sample_ode_states, time_grid
@@ -166,39 +167,15 @@ class TeacherGrid:
 # ------------------------------------------------------------------------------------------ files
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _commit(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, rename it to ``path`` and fsync the directory (an atomic replace)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -214,7 +191,7 @@ def write_safetensors_atomic(path: Path, tensors: dict[str, Tensor], metadata: d
     text = json.dumps(metadata, sort_keys=True)
     safetensors.torch.save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
     _commit(tmp, path)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def verify_file(root: Path, record: Mapping[str, Any], fix: str) -> None:
@@ -225,7 +202,7 @@ def verify_file(root: Path, record: Mapping[str, Any], fix: str) -> None:
     size = path.stat().st_size
     if size != record["bytes"]:
         raise KDDataError(f"{path} is truncated or altered: {size} bytes, the manifest says {record['bytes']}: {fix}")
-    if file_sha256(path) != record["sha256"]:
+    if sha256_file(path) != record["sha256"]:
         raise KDDataError(f"{path} is corrupted: its sha256 differs from the manifest's: {fix}")
 
 
