@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from distill_mixins.checkpointer.files import (
     CheckpointError,
+    file_problem,
     fsync_dir,
     fsync_file,
     plain_tensors,
@@ -106,14 +107,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     for name, entry in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing (listed in {MANIFEST}).")
-        size = file.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{file} is truncated or altered: {size} bytes, the manifest says {entry['bytes']}.")
-        if sha256_file(file) != entry["sha256"]:
-            raise CheckpointError(f"{file} fails its checksum (sha256 differs from {MANIFEST}): the file is corrupt.")
+        problem = file_problem(path / name, entry["bytes"], entry["sha256"])
+        if problem is not None:
+            raise CheckpointError(f"{path / name} {problem} (listed in {MANIFEST}).")
     return manifest
 
 

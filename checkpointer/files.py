@@ -40,6 +40,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def file_problem(path: Path, size: int, sha256: str) -> str | None:
+    """Why ``path`` is not the recorded file (missing, truncated or altered, corrupt), or None when it matches."""
+    if not path.is_file():
+        return "is missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"is truncated or altered: {actual} bytes, the manifest says {size}"
+    if sha256_file(path) != sha256:
+        return "fails its checksum (its sha256 differs from the manifest's): the file is corrupt"
+    return None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically: a temporary file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

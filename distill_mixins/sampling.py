@@ -123,12 +123,22 @@ def sample_student(
     for k, t in enumerate(times):
         x0 = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
         if k + 1 < len(times):
-            if renoise == "ode":  # the noise implied by the current state (DDIM, Song et al. 2021)
-                eps = (x.double() - math.cos(t) * x0.double()) / (sigma_data * math.sin(t))
-            else:
-                eps = noise if renoise == "initial" else _randn_like(noise, generator)
-            x = add_noise(x0, eps, torch.tensor(times[k + 1], dtype=torch.float64), sigma_data)
+            x = renoise_state(x, x0, t, times[k + 1], noise, renoise, sigma_data=sigma_data, generator=generator)
     return x0
+
+
+def renoise_state(
+    x_t: Tensor, x0: Tensor, t: float, s: float, noise: Tensor, renoise: str, *, sigma_data: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Few-step re-noising of the prediction ``x0`` from time ``t`` (state ``x_t``) to ``s``: ``cos s x0 + sin s sigma_d
+    eps`` with fresh ``eps`` (``"fresh"``), the initial ``noise`` (``"initial"``), or the noise implied by the
+    current state, ``(x_t - cos t x0) / (sigma_d sin t)`` (``"ode"``, DDIM, Song et al. 2021). (B, C, T, H, W)."""
+    if renoise == "ode":
+        eps = (x_t.double() - math.cos(t) * x0.double()) / (sigma_data * math.sin(t))
+    else:
+        eps = noise if renoise == "initial" else _randn_like(noise, generator)
+    return add_noise(x0, eps, torch.tensor(s, dtype=torch.float64), sigma_data)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

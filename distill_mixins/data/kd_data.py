@@ -34,7 +34,7 @@ from loguru import logger
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from distill_mixins.checkpointer.files import fsync_dir, fsync_file, sha256_file
+from distill_mixins.checkpointer.files import file_problem, fsync_dir, fsync_file, sha256_file
 from distill_mixins.config import check_choice, check_positive
 from distill_mixins.core import DistillBatch
 from distill_mixins.sampling import GRIDS, sample_ode_states, time_grid
@@ -197,13 +197,9 @@ def write_safetensors_atomic(path: Path, tensors: dict[str, Tensor], metadata: d
 def verify_file(root: Path, record: Mapping[str, Any], fix: str) -> None:
     """Raise KDDataError naming the file when it is missing or its size or sha256 differs from ``record``."""
     path = root / record["file"]
-    if not path.is_file():
-        raise KDDataError(f"{path} is listed in the manifest but missing: {fix}")
-    size = path.stat().st_size
-    if size != record["bytes"]:
-        raise KDDataError(f"{path} is truncated or altered: {size} bytes, the manifest says {record['bytes']}: {fix}")
-    if sha256_file(path) != record["sha256"]:
-        raise KDDataError(f"{path} is corrupted: its sha256 differs from the manifest's: {fix}")
+    problem = file_problem(path, record["bytes"], record["sha256"])
+    if problem is not None:
+        raise KDDataError(f"{path} {problem}: {fix}")
 
 
 def load_manifest(root: str | Path, name: str = MANIFEST) -> dict[str, Any]:

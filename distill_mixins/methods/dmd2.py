@@ -30,7 +30,7 @@ from distill_mixins.discriminator import (
     gan_generator_loss,
     r1_penalty,
 )
-from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state
+from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state, renoise_state
 from distill_mixins.trigflow import add_noise
 
 CRITIC_SAMPLES = ("final", "simulated")
@@ -171,10 +171,9 @@ class DMD2Mixin(DistillationCoreMixin):
         with torch.no_grad():
             for k in range(n - 1):
                 x0 = self.trigflow_denoise(self.net, x_t, ts[k], data.condition).x0
-                eps = noise if config.renoise == "initial" else torch.randn_like(noise)
-                if config.renoise == "ode":
-                    eps = (x_t.double() - torch.cos(ts[k]) * x0.double()) / (self.sigma_data * torch.sin(ts[k]))
-                x_t = add_noise(x0, eps, ts[k + 1], self.sigma_data)
+                x_t = renoise_state(
+                    x_t, x0, float(ts[k]), float(ts[k + 1]), noise, config.renoise, sigma_data=self.sigma_data
+                )
         with nullcontext() if grad else torch.no_grad():
             return self.trigflow_denoise(self.net, x_t, ts[n - 1], data.condition).x0
 
