@@ -353,7 +353,7 @@ class DistillationCoreMixin(TrigFlowMixin):
         steps: int = 36, sampler: str = "heun", grid: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Teacher ODE samples x0 (B, C, T, H, W): ``steps`` Euler/Heun steps, CFG ``w = guidance``.
+        """Teacher ODE samples x0 (B, C, T, H, W): ``steps`` Euler, Heun or DDIM steps, CFG ``w = guidance``.
 
         The default grid is EDM's Karras grid for EDM hosts, uniform rectified-flow time otherwise.
         Pass a negative condition as ``uncondition``.

@@ -81,28 +81,52 @@ def _velocity(denoise: Denoiser, x: Tensor, t: float) -> Tensor:
     return (math.cos(t) * x - x0) / math.sin(t)
 
 
+def ode_step(denoise: Denoiser, x: Tensor, t: float, s: float, sampler: str, *, sigma_data: float) -> Tensor:
+    """One step of ``sampler`` from TrigFlow time ``t`` (state x, (B, C, T, H, W)) to ``s < t``.
+
+    ``euler``/``heun``: Euler or Heun (2nd order; Euler on the step to ``s = 0``, as EDM's sampler) on
+    ``dx_t/dt = (cos t x_t - x0) / sin t``. ``ddim``: denoise, then re-noise to ``s`` with the noise the state
+    implies (Song et al. 2021); the same arithmetic as Euler in a rectified-flow host's own time (diffusers'
+    FlowMatchEulerDiscreteScheduler) or in EDM's ``(x / cos t, sigma)``, and exact in one step to ``s = 0``
+    (it returns the x0 prediction there), so a one-step DDIM teacher is the teacher's denoiser at ``t``.
+    """
+    if sampler == "ddim":
+        x0 = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
+        return renoise_state(x, x0, t, s, x0, "ode", sigma_data=sigma_data).to(x.dtype)
+    d = _velocity(denoise, x, t)
+    x_next = x + (s - t) * d
+    if sampler == "heun" and s > 0:
+        x_next = x + (s - t) * 0.5 * (d + _velocity(denoise, x_next, s))
+    return x_next
+
+
+def _integrate(denoise: Denoiser, noise: Tensor, ts: Tensor, sampler: str, sigma_data: float) -> Tensor:
+    x = initial_state(noise, ts[0], sigma_data)
+    for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+        x = ode_step(denoise, x, t, s, sampler, sigma_data=sigma_data)
+    return x
+
+
 def sample_euler(
     denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Euler steps of the probability-flow ODE in TrigFlow time; returns the state at ``ts[-1]``."""
-    x = initial_state(noise, ts[0], sigma_data)
-    for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
-        x = x + (s - t) * _velocity(denoise, x, t)
-    return x
+    return _integrate(denoise, noise, ts, "euler", sigma_data)
 
 
 def sample_heun(
     denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Heun (2nd order) steps in TrigFlow time; the step to ``t = 0`` is Euler (as EDM's sampler)."""
-    x = initial_state(noise, ts[0], sigma_data)
-    for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
-        d = _velocity(denoise, x, t)
-        x_next = x + (s - t) * d
-        if s > 0:
-            x_next = x + (s - t) * 0.5 * (d + _velocity(denoise, x_next, s))
-        x = x_next
-    return x
+    return _integrate(denoise, noise, ts, "heun", sigma_data)
+
+
+def sample_ddim(
+    denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Deterministic DDIM steps (see :func:`ode_step`): one network evaluation a step; returns the state at ``ts[-1]``
+    (the x0 prediction when the grid ends at 0). The usual sampler of rectified-flow teachers (flow-matching Euler)."""
+    return _integrate(denoise, noise, ts, "ddim", sigma_data)
 
 
 def sample_student(
@@ -145,14 +169,14 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": sample_euler, "heun": sample_heun}
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": sample_euler, "heun": sample_heun, "ddim": sample_ddim}
 
 
 def sample_ode_states(
     denoise: Denoiser, noise: Tensor, ts: Tensor, *, sigma_data: float, record: tuple[int, ...] = (),
     sampler: str = "heun",
 ) -> tuple[Tensor, Tensor]:
-    """Euler/Heun ODE sampling as :func:`sample_euler`/:func:`sample_heun` (same arithmetic), also returning
+    """ODE sampling as :func:`sample_euler`/:func:`sample_heun`/:func:`sample_ddim` (same arithmetic), also returning
     the states at ``ts[i]`` for ``i`` in ``record`` (ascending grid indices): ``(x0, states (B, K, C, T, H, W))``."""
     check_choice("sample_ode_states", "sampler", sampler, tuple(SAMPLERS))
     if list(record) != sorted(set(record)) or any(not 0 <= i < len(ts) for i in record):
@@ -162,11 +186,7 @@ def sample_ode_states(
     x = initial_state(noise, ts[0], sigma_data)
     states = [x] if 0 in record else []
     for i, (t, s) in enumerate(zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True), start=1):
-        d = _velocity(denoise, x, t)
-        x_next = x + (s - t) * d
-        if sampler == "heun" and s > 0:
-            x_next = x + (s - t) * 0.5 * (d + _velocity(denoise, x_next, s))
-        x = x_next
+        x = ode_step(denoise, x, t, s, sampler, sigma_data=sigma_data)
         if i in record:
             states.append(x)
     path = torch.stack(states, dim=1) if states else x.new_empty((x.shape[0], 0, *x.shape[1:]))

@@ -43,7 +43,7 @@ from distill_mixins.trigflow import max_time
 FORMAT = "distill-mixins-kd/1"
 MANIFEST = "manifest.json"
 METADATA_KEY = "distill_mixins"
-SAMPLER_NAMES = ("heun", "euler")
+SAMPLER_NAMES = ("heun", "euler", "ddim")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
