@@ -37,7 +37,7 @@ class DistillBatch:
 def _instantiate(spec: NetworkSpec, teacher: nn.Module, field_name: str) -> nn.Module:
     """A trainable network from a config spec: a copy of the teacher, a module, or a factory's result."""
     if spec is None:
-        net = copy.deepcopy(teacher)
+        net = _drop_teacher_guard(copy.deepcopy(teacher))
     elif isinstance(spec, nn.Module):
         net = spec
     else:
@@ -125,7 +125,8 @@ class DistillationCoreMixin(TrigFlowMixin):
             self.net_fake_score = _instantiate(config.critic_net, teacher, "critic_net")
         self._trained_names = {name: trained_parameter_names(net) for name, net in self.trainable_networks().items()}
         self.net_teacher = teacher.requires_grad_(False).eval()
-        teacher.register_load_state_dict_pre_hook(_keep_teacher_on_load)
+        if not _has_teacher_guard(teacher):  # a teacher shared by several models (KD, then DMD2) has one already
+            teacher.register_load_state_dict_pre_hook(_keep_teacher_on_load)
         if config.ema is not None:
             self.net_ema = copy.deepcopy(self.net).requires_grad_(False).eval()
             for p in self.net_ema.parameters():  # average in float32: a bf16 EMA would not move
@@ -388,3 +389,16 @@ def _keep_teacher_on_load(module: nn.Module, state_dict: dict[str, Any], prefix:
             f"distillation checkpoint. Drop the '{prefix}' keys."
         )
     state_dict.update(module.state_dict(prefix=prefix))
+
+
+def _has_teacher_guard(net: nn.Module) -> bool:
+    return any(getattr(h, "hook", h) is _keep_teacher_on_load for h in net._load_state_dict_pre_hooks.values())
+
+
+def _drop_teacher_guard(net: nn.Module) -> nn.Module:
+    """A copy of a teacher that already served another model carries its load guard (deepcopy copies hooks): a
+    student or critic built from it must load its own weights, so the guard is removed from the copy."""
+    hooks = net._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _keep_teacher_on_load]:
+        del hooks[key]
+    return net

@@ -292,3 +292,21 @@ def test_schedule_that_collapses_at_the_edm_cap_is_refused():
     model = make_neural_model(student_schedule=(math.pi / 2, 1.569, 1.0))
     with pytest.raises(ValueError, match="not strictly descending after capping"):
         model.student_times()
+
+
+def test_one_teacher_serves_two_models_in_turn(batch):
+    """KD then DMD2 from the same teacher instance: the second model's copies of the teacher (student, critic) load
+    their own weights; the shared teacher keeps one load guard and still refuses teacher keys."""
+    first = make_neural_model()
+    run_iteration(first, batch, 0)
+    teacher = first.net_teacher
+    second = NeuralDistill(teacher, "edm_eps", distill=DistillConfig(student_update_freq=5))
+    second.load_student_state_dict(first.net.state_dict())
+    assert param_hash(second.net) == param_hash(first.net) != param_hash(teacher)
+    second.net_fake_score.load_state_dict(first.net_fake_score.state_dict())
+    from distill_mixins.core import _keep_teacher_on_load
+
+    guards = [h for h in teacher._load_state_dict_pre_hooks.values() if getattr(h, "hook", h) is _keep_teacher_on_load]
+    assert len(guards) == 1 and not second.net._load_state_dict_pre_hooks
+    with pytest.raises(ValueError, match="teacher weights"):
+        second.load_state_dict({**second.state_dict(), "net_teacher.head.bias": torch.zeros(8)})
