@@ -22,6 +22,6 @@ def test_demo_student_reaches_the_teacher(tmp_path):
 
 
 def test_cli_quick_demo(tmp_path, capsys):
-    assert main(["demo", "--quick", "--iterations", "20", "--out", str(tmp_path / "run")]) == 0
+    assert main(["demo-analytic", "--quick", "--iterations", "20", "--out", str(tmp_path / "run")]) == 0
     assert "student 1-step" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.json").exists()

@@ -1,0 +1,325 @@
+"""The main job: distill the shipped toy Video2World teacher (36 DDIM steps x 2 for CFG) into a 1-step student.
+
+Stages (each resumable: a re-run in the same directory skips what is done):
+
+1. **KD data**: :func:`~distill_mixins.data.generate_kd_data` runs the teacher (36 steps, CFG ``w``) on the
+   conditions (first frame + prompt) of procedurally generated training clips -> sharded safetensors.
+2. **KD**: :class:`~distill_mixins.methods.kd.KDMixin` through the :class:`DistillationTrainer` on those shards.
+3. **DMD2**: :class:`~distill_mixins.methods.dmd2.DMD2Mixin` from the KD stage's EMA student (critic = a copy
+   of the teacher), on fresh procedural conditions.
+4. **Evaluation** on held-out clips (:mod:`distill_mixins.eval.video`): Frechet distance against a second
+   held-out real set (and the floor between two real sets), prompt adherence, temporal consistency,
+   diversity, latency and NFE per clip, for the teacher at 36 steps with CFG, the teacher at 1 step and the
+   student at 1 step; then ``report.md``, ``metrics.json``, ``samples.png`` and GIFs in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
+from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
+from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin
+from distill_mixins.precision import matmul_weights_in
+from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.host import ToyVideo2World
+from distill_mixins.toy.train import load_toy_teacher
+from distill_mixins.trainer import DistillationTrainer, FunctionData, TrainerConfig
+
+TRAIN_SEED, EVAL_SEED, REFERENCE_SEED, DMD2_SEED = 1, 1_000_001, 2_000_002, 3_000_003
+"""Seeds of the clip sets: KD conditions, held-out evaluation conditions, held-out reference clips, DMD2."""
+
+
+class ToyKD(KDMixin, ToyVideo2World):
+    """KD on the toy host, composed as a user composes theirs."""
+
+
+class ToyDMD2(DMD2Mixin, ToyVideo2World):
+    """DMD2 on the toy host."""
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and settings of the demo (defaults: the full run, under 10 minutes on 2 CPU cores)."""
+
+    out: str = "runs/demo"
+    pairs: int = 768
+    """KD teacher pairs (36-step CFG samples)."""
+    eval_clips: int = 1024
+    """Held-out conditions evaluated per sampler (and as many reference clips)."""
+    diversity_clips: int = 32
+    """Conditions sampled twice for the diversity figure."""
+    teacher_steps: int = 36
+    guidance: float = 3.0
+    """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
+    kd_iterations: int = 600
+    dmd2_iterations: int = 300
+    batch_size: int = 32
+    sample_batch: int = 64
+    kd_lr: float = 2e-4
+    dmd2_student_lr: float = 1e-5
+    dmd2_critic_lr: float = 1e-4
+    dmd2_student_update_freq: int = 2
+    bf16: bool = True
+    seed: int = 0
+    teacher_weights: str | None = None
+    """Path of toy teacher weights; None: the shipped ones."""
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "eval_clips", "diversity_clips", "teacher_steps", "batch_size", "sample_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoConfig.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("kd_iterations", "dmd2_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DemoConfig.{name}={getattr(self, name)} must be >= 0.")
+        if self.diversity_clips > self.eval_clips:
+            raise ValueError(f"DemoConfig.diversity_clips={self.diversity_clips} exceeds eval_clips={self.eval_clips}.")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A CI-sized run (about a minute): few pairs, iterations and evaluation clips."""
+        values: dict[str, Any] = {
+            "out": "runs/demo-quick", "pairs": 128, "eval_clips": 128, "diversity_clips": 32, "kd_iterations": 40,
+            "dmd2_iterations": 10,
+        }
+        return cls(**{**values, **overrides})
+
+
+def autocast(config: DemoConfig) -> AbstractContextManager[Any]:
+    """bf16 autocast on the CPU when enabled (about 2x faster sampling here)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+
+
+def frozen_bf16(config: DemoConfig, *nets: nn.Module) -> AbstractContextManager[Any]:
+    """Frozen networks hold bf16 conv/linear weights while sampling under bf16 autocast (bit-identical results,
+    no per-call weight casts: :func:`~distill_mixins.precision.matmul_weights_in`)."""
+    stack = ExitStack()
+    if config.bf16:
+        for net in nets:
+            stack.enter_context(matmul_weights_in(net))
+    return stack
+
+
+def clip_batches(n: int, seed: int, batch: int) -> Iterator[dict[str, Any]]:
+    """Host batches ``{"clip", "prompt"}`` of ``n`` procedural clips drawn from ``seed``."""
+    clips = make_clips(n, seed)
+    for start in range(0, n, batch):
+        yield {"clip": clips.video[start : start + batch], "prompt": clips.prompts[start : start + batch]}
+
+
+def _optimizer(lr: float) -> OptimizerConfig:
+    return OptimizerConfig(name="adamw", lr=lr, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0)
+
+
+def _trainer_config(config: DemoConfig, stage: str, iterations: int) -> TrainerConfig:
+    return TrainerConfig(
+        iterations=iterations, run_dir=str(Path(config.out) / stage), batch_size=config.batch_size,
+        autocast="bf16" if config.bf16 else "none", seed=config.seed, log_every=50, save_every=200, keep_last=1,
+    )
+
+
+def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> tuple[ToyKD, float, float]:
+    """Stages 1 and 2: the teacher's KD pairs, then KD. Returns the model and both stages' seconds."""
+    model = ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig(
+        student_optimizer=_optimizer(config.kd_lr), ema=EMAConfig(halflife_steps=50.0),
+    ))
+    data_dir = Path(config.out) / "kd_data"
+    tic = time.perf_counter()
+    data_config = KDDataConfig(
+        num_samples=config.pairs, steps=config.teacher_steps, sampler="ddim", guidance=config.guidance,
+        seed=config.seed, shard_size=256, batch_size=config.sample_batch,
+    )
+    with autocast(config), frozen_bf16(config, model.net_teacher):
+        generate_kd_data(model, clip_batches(config.pairs, TRAIN_SEED, config.sample_batch), data_dir, data_config)
+    data_seconds = time.perf_counter() - tic
+    tic = time.perf_counter()
+    DistillationTrainer(model, KDShardDataset(data_dir), _trainer_config(config, "kd", config.kd_iterations)).fit()
+    return model, data_seconds, time.perf_counter() - tic
+
+
+def dmd2_config(config: DemoConfig) -> DMD2Config:
+    """One-step DMD2 with the demo's CFG scale, a shifted critic time (Cosmos shift 5) and no GAN."""
+    return DMD2Config(
+        student_update_freq=config.dmd2_student_update_freq, guidance_scale=config.guidance,
+        student_optimizer=_optimizer(config.dmd2_student_lr), critic_optimizer=_optimizer(config.dmd2_critic_lr),
+        critic_time=TimeSamplerConfig(kind="shifted_uniform", shift=5.0), ema=EMAConfig(halflife_steps=20.0),
+    )
+
+
+def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, kd: ToyKD) -> tuple[ToyDMD2, float]:
+    """Stage 3: DMD2 starting from the KD stage's student (its raw weights: measured better than its EMA here)."""
+    model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
+    model.load_student_state_dict(kd.net.state_dict())
+    clips_per_step = config.batch_size
+
+    def batch(step: int) -> dict[str, Any]:
+        clips = make_clips(clips_per_step, DMD2_SEED + step)
+        return {"clip": clips.video, "prompt": clips.prompts}
+
+    tic = time.perf_counter()
+    trainer_config = _trainer_config(config, "dmd2", config.dmd2_iterations)
+    with frozen_bf16(config, model.net_teacher):  # the teacher only runs without gradients here (no GAN)
+        DistillationTrainer(model, FunctionData(batch), trainer_config).fit()
+    return model, time.perf_counter() - tic
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+Sampler = Callable[[Any, Any, Tensor], Tensor]
+"""``(condition, uncondition, noise) -> latent x0`` (B, C, T, H, W)."""
+
+
+@dataclass
+class SamplerRun:
+    """Decoded clips (N, 3, T, H, W) of one sampler, its network evaluations and latency per clip."""
+
+    clips: Tensor
+    nfe: int
+    latency_s_per_clip: float
+
+
+@torch.no_grad()
+def run_sampler(
+    model: ToyKD | ToyDMD2, sampler: Sampler, nfe: int, clips: Tensor, prompts: list[str], config: DemoConfig,
+    *, noise_seed: int, desc: str,
+) -> SamplerRun:
+    """Sample every condition (first frame + prompt) of ``clips`` in batches of ``config.sample_batch``; the time
+    counts the sampler only (conditions are prepared before the clock starts)."""
+    outs, seconds = [], 0.0
+    generator = torch.Generator().manual_seed(noise_seed)
+    for start in tqdm(range(0, len(prompts), config.sample_batch), desc=desc, unit="batch", leave=False):
+        stop = start + config.sample_batch
+        batch = {"clip": clips[start:stop], "prompt": prompts[start:stop]}
+        x0, condition, uncondition = model.get_data_and_condition(batch)
+        noise = torch.randn(x0.shape, generator=generator)
+        tic = time.perf_counter()
+        with autocast(config):
+            latent = sampler(condition, uncondition, noise)
+        seconds += time.perf_counter() - tic
+        outs.append(model.decode(latent.float()))
+    return SamplerRun(torch.cat(outs), nfe, seconds / len(prompts))
+
+
+def samplers(model: ToyDMD2 | ToyKD, config: DemoConfig) -> dict[str, tuple[Sampler, int]]:
+    """The evaluated samplers and their network evaluations per clip."""
+    w, steps = config.guidance, config.teacher_steps
+
+    def teacher(n: int) -> Sampler:
+        return lambda c, u, noise: model.generate_teacher(c, noise, uncondition=u, guidance=w, steps=n, sampler="ddim")
+
+    return {
+        "teacher_36step_cfg": (teacher(steps), 2 * steps),
+        "teacher_1step": (teacher(1), 2),
+        "student_1step": (lambda c, u, noise: model.generate(c, noise), 1),
+    }
+
+
+@dataclass
+class SamplerMetrics:
+    """Figures of one sampler on the held-out conditions."""
+
+    fd: float
+    prompt_adherence: float
+    temporal_consistency: float
+    diversity: float
+    nfe: int
+    latency_s_per_clip: float
+
+
+@dataclass
+class DemoResult:
+    """Everything ``metrics.json`` holds."""
+
+    samplers: dict[str, SamplerMetrics]
+    fd_floor: float
+    gap_closed: float
+    speedup_wall: float
+    elapsed_s: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """``metrics.json``: one entry per sampler, then the top-level figures."""
+        out: dict[str, Any] = {name: asdict(m) for name, m in self.samplers.items()}
+        out |= {"fd_floor": self.fd_floor, "gap_closed": self.gap_closed, "speedup_wall": self.speedup_wall,
+                "elapsed_s": self.elapsed_s, "stage_seconds": self.stage_seconds, "config": self.config}
+        return out
+
+
+def gap_closed(fd_teacher_1step: float, fd_student: float, fd_teacher: float) -> float:
+    """``(fd_teacher_1step - fd_student) / (fd_teacher_1step - fd_teacher)``: 1 means the student matches the
+    multi-step teacher, 0 that it is no better than the teacher at one step."""
+    return (fd_teacher_1step - fd_student) / (fd_teacher_1step - fd_teacher)
+
+
+def evaluate(
+    model: ToyDMD2 | ToyKD, config: DemoConfig
+) -> tuple[dict[str, SamplerMetrics], float, dict[str, Tensor], list[str]]:
+    """Metrics of every sampler on held-out conditions, the real-vs-real floor, each sampler's clips, the prompts."""
+    from distill_mixins.eval.motion import diversity
+    from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
+
+    held_out = make_clips(config.eval_clips, EVAL_SEED)
+    reference = make_clips(config.eval_clips, REFERENCE_SEED)
+    feature_net = VideoFeatureNet()
+    floor = frechet_video_distance(held_out.video, reference.video, net=feature_net)
+    k = config.diversity_clips
+    results, clips = {}, {}
+    for name, (sampler, nfe) in samplers(model, config).items():
+        run = run_sampler(model, sampler, nfe, held_out.video, held_out.prompts, config, noise_seed=7, desc=name)
+        again = run_sampler(
+            model, sampler, nfe, held_out.video[:k], held_out.prompts[:k], config, noise_seed=8, desc=f"{name} (2nd)"
+        )
+        figures = evaluate_clips(run.clips, reference.video, held_out.prompts, net=feature_net)
+        results[name] = SamplerMetrics(
+            fd=figures.fd, prompt_adherence=figures.prompt_adherence,
+            temporal_consistency=figures.temporal_consistency, diversity=diversity(run.clips[:k], again.clips),
+            nfe=run.nfe, latency_s_per_clip=run.latency_s_per_clip,
+        )
+        clips[name] = run.clips
+        logger.info("{}: {}", name, results[name])
+    clips["ground_truth"] = held_out.video
+    return results, floor, clips, held_out.prompts
+
+
+def run_demo(config: DemoConfig) -> DemoResult:
+    """All four stages; writes the run directory's report, metrics, picture and GIFs (see the module docstring)."""
+    from distill_mixins.toy.report import write_report
+
+    start = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2))
+    torch.manual_seed(config.seed)
+    teacher = load_toy_teacher(config.teacher_weights)
+    kd, data_s, kd_s = run_kd(config, teacher)
+    final: ToyKD | ToyDMD2 = kd
+    stage = {"kd_data_s": data_s, "kd_s": kd_s}
+    if config.dmd2_iterations > 0:
+        final, stage["dmd2_s"] = run_dmd2(config, teacher, kd)
+    final.eval()
+    tic = time.perf_counter()
+    with frozen_bf16(config, final.net_teacher, final.net):
+        figures, floor, clips, prompts = evaluate(final, config)
+    stage["eval_s"] = time.perf_counter() - tic
+    t36, t1, s1 = (figures[k] for k in ("teacher_36step_cfg", "teacher_1step", "student_1step"))
+    result = DemoResult(
+        samplers=figures, fd_floor=floor, gap_closed=gap_closed(t1.fd, s1.fd, t36.fd),
+        speedup_wall=t36.latency_s_per_clip / s1.latency_s_per_clip, elapsed_s=time.perf_counter() - start,
+        stage_seconds=stage, config=asdict(config),
+    )
+    (out / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    write_report(out, result, clips, prompts)
+    return result
+

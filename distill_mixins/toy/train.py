@@ -1,0 +1,201 @@
+"""Train the toy Video2World teacher from scratch (the script behind the shipped weights).
+
+Rectified flow with the clean clip as the network's target (velocity derived from it): per step, ``batch``
+fresh procedural clips (:mod:`distill_mixins.toy.clips`), ``tau`` from a logit-normal / uniform mix,
+``x = (1 - tau) x0 + tau eps`` with the first frame given (pasted at the conditional noise level, as the
+distillation mixins paste it), prompts dropped to "" with probability ``p_uncond`` (classifier-free guidance),
+and the velocity loss ``||(x0_hat - x0) / max(tau, tau_floor)||^2`` on the generated frames. AdamW, bf16
+autocast on CPU, an EMA of the weights (the EMA is what ships). Resumable: ``train_state.pt`` in the run
+directory is written atomically every ``save_every`` iterations and picked up by a re-run.
+
+Command: ``distill-mixins toy-teacher --out runs/toy-teacher`` (see ``--help``); the exact command that made
+the shipped weights is stored in their metadata and in docs/toy.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm import tqdm
+
+from distill_mixins.checkpointer.files import fsync_dir, plain_tensors, save_safetensors, save_torch
+from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.host import ToyVideo2World, first_frame_mask
+from distill_mixins.toy.text import ToyTextEncoder
+from distill_mixins.toy.unet import ToyUNet
+from distill_mixins.trigflow import native_coefficients, native_to_trigflow_time
+
+WEIGHTS = Path(__file__).parent / "weights" / "toy_teacher.safetensors"
+"""The shipped teacher (EMA UNet + text encoder, bf16)."""
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Settings of :func:`train_toy_teacher` (defaults made the shipped weights)."""
+
+    iterations: int = 3000
+    batch_size: int = 48
+    lr: float = 6e-4
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_halflife: float = 300.0
+    """EMA half-life in iterations."""
+    p_uncond: float = 0.1
+    tau_floor: float = 0.05
+    uniform_fraction: float = 0.3
+    """Share of the batch with tau ~ U(0, 1); the rest is logit-normal(0, 1)."""
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = True
+    save_every: int = 250
+    conditional_sigma: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TeacherTrainConfig.{name}={getattr(self, name)} must be >= 1.")
+        if not 0 <= self.p_uncond < 1 or not 0 <= self.uniform_fraction <= 1:
+            raise ValueError("TeacherTrainConfig.p_uncond must be in [0, 1) and uniform_fraction in [0, 1].")
+        if not self.lr > 0 or not self.tau_floor > 0 or not self.ema_halflife > 0:
+            raise ValueError("TeacherTrainConfig.lr, tau_floor and ema_halflife must be > 0.")
+
+
+def sample_tau(n: int, uniform_fraction: float, generator: torch.Generator) -> Tensor:
+    """Training times tau (n,): a uniform share, the rest logit-normal(0, 1) (Esser et al. 2024)."""
+    uniform = torch.rand(n, generator=generator)
+    logit = torch.sigmoid(torch.randn(n, generator=generator))
+    pick = torch.rand(n, generator=generator) < uniform_fraction
+    return torch.where(pick, uniform, logit).clamp(1e-4, 1.0)
+
+
+def conditional_scale(conditional_sigma: float) -> float:
+    """Native rectified-flow scale ``1 - tau_c`` of a given frame at the conditional EDM sigma (as the mixins)."""
+    t_c = native_to_trigflow_time(torch.tensor(conditional_sigma, dtype=torch.float64), "edm", 1.0)
+    return float(native_coefficients(t_c, "rectified_flow", 1.0)[0])
+
+
+def teacher_loss(
+    host: ToyVideo2World, clip: Tensor, prompts: list[str], config: TeacherTrainConfig, generator: torch.Generator
+) -> Tensor:
+    """Velocity loss ``mean ||(x0_hat - x0) / max(tau, tau_floor)||^2`` over the generated frames."""
+    x0 = host.encode(clip)
+    b, _, frames = x0.shape[:3]
+    keep = torch.rand(b, generator=generator) >= config.p_uncond
+    text = host.embed_prompts([p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)])
+    tau = sample_tau(b, config.uniform_fraction, generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    tb = tau[:, None, None, None, None]
+    mask = first_frame_mask(b, frames)
+    x = mask * conditional_scale(config.conditional_sigma) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        x0_hat = host.net(x, tau, mask, text)
+    err = (x0_hat.float() - x0) / tb.clamp(min=config.tau_floor)
+    return err.pow(2)[:, :, 1:].mean()
+
+
+def _lr_factor(iteration: int, config: TeacherTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if iteration < config.warmup:
+        return (iteration + 1) / config.warmup
+    progress = (iteration - config.warmup) / max(1, config.iterations - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_teacher(path: Path, ema: ToyVideo2World, metadata: dict[str, str]) -> None:
+    """EMA UNet and text encoder as one bf16 safetensors file (``net.*``, ``text_encoder.*``), atomically."""
+    state = {f"net.{k}": v.to(torch.bfloat16) for k, v in ema.net.state_dict().items()}
+    state |= {f"text_encoder.{k}": v.to(torch.bfloat16) for k, v in ema.text_encoder.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_safetensors(plain_tensors(state, "toy teacher"), tmp, metadata)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> ToyVideo2World:
+    """The toy teacher host (UNet + text encoder, frozen conditioner) from ``path`` (default: the shipped weights)."""
+    path = Path(path) if path is not None else WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"toy teacher weights {path} not found: train them with `distill-mixins toy-teacher --out DIR` and pass "
+            "DIR/toy_teacher.safetensors, or reinstall distill-mixins (the package ships them)."
+        )
+    state = load_file(str(path))
+    host = ToyVideo2World(ToyUNet(), ToyTextEncoder())
+    for prefix, module in (("net.", host.net), ("text_encoder.", host.text_encoder)):
+        part = {k[len(prefix) :]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)
+    host.text_encoder.requires_grad_(False).eval()
+    return host.to(dtype)
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_torch(obj, tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@torch.no_grad()
+def _update_ema(ema: ToyVideo2World, host: ToyVideo2World, beta: float) -> None:
+    for p_ema, p in zip(ema.parameters(), host.parameters(), strict=True):
+        p_ema.lerp_(p.detach(), 1.0 - beta)
+
+
+def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, command: str = "") -> Path:
+    """Train from scratch (or resume ``out_dir/train_state.pt``); writes ``out_dir/toy_teacher.safetensors``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teacher_config.json").write_text(json.dumps(asdict(config), indent=2))
+    torch.manual_seed(config.seed)
+    host = ToyVideo2World(ToyUNet(), ToyTextEncoder())
+    ema = copy.deepcopy(host).requires_grad_(False)
+    opt = torch.optim.AdamW(host.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, config))
+    start, elapsed = 0, 0.0
+    state_path = out / "train_state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        host.load_state_dict(state["host"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, elapsed = int(state["iteration"]), float(state["elapsed_s"])
+        logger.info("resuming the toy teacher at iteration {} ({:.0f} s so far)", start, elapsed)
+    beta = 0.5 ** (1.0 / config.ema_halflife)
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start, config.iterations), desc="toy teacher", unit="it", initial=start, total=config.iterations)
+    for iteration in bar:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+        clips = make_clips(config.batch_size, seed=int(torch.randint(2**62, (), generator=generator)))
+        loss = teacher_loss(host, clips.video, clips.prompts, config, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(host.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        _update_ema(ema, host, 0.0 if iteration < config.warmup else beta)
+        if iteration % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = iteration + 1
+        if done % config.save_every == 0 or done == config.iterations:
+            _atomic_torch_save(
+                {"host": host.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "iteration": done, "elapsed_s": time.perf_counter() - t0},
+                state_path,
+            )
+    seconds = time.perf_counter() - t0
+    metadata = {"config": json.dumps(asdict(config)), "command": command, "train_seconds": f"{seconds:.0f}"}
+    path = out / "toy_teacher.safetensors"
+    save_teacher(path, ema, metadata)
+    logger.info("toy teacher written to {} after {} iterations, {:.0f} s of training", path, config.iterations, seconds)
+    return path

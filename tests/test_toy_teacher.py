@@ -1,0 +1,70 @@
+"""The shipped toy teacher meets its quality bar, and the demo runs end to end (tiny sizes) with finite figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from distill_mixins.eval.motion import temporal_consistency
+from distill_mixins.eval.video import frechet_video_distance
+from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.demo import EVAL_SEED, REFERENCE_SEED, DemoConfig, ToyKD, gap_closed, run_demo
+from distill_mixins.toy.train import WEIGHTS, load_toy_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_model():
+    host = load_toy_teacher()
+    return ToyKD(host.net, host.text_encoder).eval()
+
+
+def _sample(model, clips, steps, guidance=3.0):
+    x0, condition, uncondition = model.get_data_and_condition({"clip": clips.video, "prompt": clips.prompts})
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate_teacher(condition, noise, uncondition=uncondition, guidance=guidance, steps=steps,
+                                     sampler="ddim")
+    return model.decode(out.float())
+
+
+def test_shipped_teacher_quality_bar(teacher_model):
+    """36 DDIM steps with CFG keep the shape (temporal consistency >= 0.8, real clips ~0.98) and are far closer to
+    real clips than the teacher's single step (FD at most half of it)."""
+    clips, reference = make_clips(96, EVAL_SEED), make_clips(96, REFERENCE_SEED)
+    many, one = _sample(teacher_model, clips, 36), _sample(teacher_model, clips, 1)
+    tc_many, tc_one = temporal_consistency(many, clips.prompts), temporal_consistency(one, clips.prompts)
+    fd_many = frechet_video_distance(many, reference.video)
+    fd_one = frechet_video_distance(one, reference.video)
+    print(f"teacher 36-step: tc {tc_many:.3f} fd {fd_many:.3f}; 1-step: tc {tc_one:.3f} fd {fd_one:.3f}")
+    assert tc_many >= 0.8 and tc_many >= tc_one + 0.15
+    assert fd_many <= 0.5 * fd_one
+    assert WEIGHTS.stat().st_size < 20e6
+
+
+def test_gap_closed_known_answers():
+    assert gap_closed(10.0, 2.0, 2.0) == 1.0 and gap_closed(10.0, 10.0, 2.0) == 0.0
+    assert gap_closed(10.0, 4.0, 2.0) == 0.75
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    config = DemoConfig.quick(out=str(tmp_path / "demo"), pairs=32, eval_clips=32, diversity_clips=8,
+                              kd_iterations=4, dmd2_iterations=2, batch_size=8, sample_batch=16)
+    result = run_demo(config)
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    for key in ("teacher_36step_cfg", "teacher_1step", "student_1step"):
+        entry = metrics[key]
+        for field in ("fd", "prompt_adherence", "temporal_consistency", "nfe", "latency_s_per_clip"):
+            assert math.isfinite(entry[field]), (key, field)
+    assert metrics["teacher_36step_cfg"]["nfe"] == 72 and metrics["student_1step"]["nfe"] == 1
+    for key in ("fd_floor", "gap_closed", "speedup_wall", "elapsed_s"):
+        assert math.isfinite(metrics[key]), key
+    assert result.speedup_wall > 1
+    out = tmp_path / "demo"
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"
+    assert "| gap_closed >= 0.85 |" in (out / "report.md").read_text()
+    again = run_demo(config)  # resumable: every stage is found done and skipped, the figures are the same
+    assert again.samplers["student_1step"].fd == pytest.approx(result.samplers["student_1step"].fd, rel=1e-6)
