@@ -92,6 +92,7 @@ def ode_step(denoise: Denoiser, x: Tensor, t: float, s: float, sampler: str, *, 
     """
     if sampler == "ddim":
         x0 = denoise(x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
+        # "ode" re-noises with the noise the state implies; the noise argument is unused in that mode
         return renoise_state(x, x0, t, s, x0, "ode", sigma_data=sigma_data).to(x.dtype)
     d = _velocity(denoise, x, t)
     x_next = x + (s - t) * d
