@@ -52,11 +52,15 @@ def _add_demo(commands: Any) -> None:
     )
     demo.add_argument("--out", default=None, help="run directory (default runs/demo, quick: runs/demo-quick)")
     demo.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute)")
-    demo.add_argument("--pairs", type=int, default=None, help="KD teacher pairs (default 1024)")
+    demo.add_argument("--pairs", type=int, default=None, help="KD teacher pairs (default 512)")
     demo.add_argument("--eval-clips", dest="eval_clips", type=int, default=None, help="held-out clips (default 1024)")
-    demo.add_argument("--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations")
-    demo.add_argument("--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations")
-    demo.add_argument("--guidance", type=float, default=None, help="teacher CFG scale w (standard form)")
+    demo.add_argument(
+        "--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations (default 450)"
+    )
+    demo.add_argument(
+        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 200)"
+    )
+    demo.add_argument("--guidance", type=float, default=None, help="teacher CFG scale w, standard form (default 3)")
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("--teacher-weights", dest="teacher_weights", default=None, help="toy teacher safetensors")
     demo.add_argument("--no-bf16", dest="no_bf16", action="store_true", help="float32 instead of bf16 autocast")

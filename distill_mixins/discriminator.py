@@ -207,16 +207,20 @@ def _channels_first(x: Tensor, layout: str) -> Tensor:
 
 
 def _to_tokens(x: Tensor, layout: str) -> Tensor:
-    """(B, N, D) tokens: 3-D input as is; 2-D (B, D) as one token; 5-D flattened over (T, H, W), D the channels."""
+    """(B, N, D) tokens: 3-D input as is; 2-D (B, D) as one token; 4-D image features (B, C, H, W) (or (B, H, W, C))
+    flattened over (H, W) and 5-D over (T, H, W), D the channels."""
     if x.ndim == 3:
         return x
     if x.ndim == 2:
         return x[:, None]
+    if x.ndim == 4:
+        return x.flatten(2).transpose(1, 2) if layout == "channels_first" else x.flatten(1, 2)
     if x.ndim == 5:
         return x.flatten(2).transpose(1, 2) if layout == "channels_first" else x.flatten(1, 3)
     raise ValueError(
         f"QueryAttentionHead got features of shape {tuple(x.shape)}; it takes tokens (B, N, D), vectors (B, D) "
-        "or 5-D video features (B, C, T, H, W) / (B, T, H, W, C) (set layout)."
+        "4-D image features (B, C, H, W) / (B, H, W, C), or 5-D video features (B, C, T, H, W) / (B, T, H, W, C) "
+        "(set layout)."
     )
 
 

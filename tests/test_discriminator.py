@@ -228,6 +228,9 @@ def test_head_output_shapes_for_both_layouts():
     attn_last = QueryAttentionHead(C, num_queries=3, heads=2, hidden=8, layout="channels_last")
     attn_last.load_state_dict(attn.state_dict())
     assert torch.equal(attn_last(feats.permute(0, 2, 3, 4, 1)), attn(tokens))
+    image = feats[:, :, 0]  # (B, C, H, W): image features (e.g. a frames-as-channels UNet) are H*W tokens
+    assert torch.equal(attn(image), attn(image.flatten(2).transpose(1, 2)))
+    assert torch.equal(attn_last(image.permute(0, 2, 3, 1)), attn(image))
     with pytest.raises(ValueError, match="takes 5-D video features"):
         conv(tokens)
     with pytest.raises(ValueError, match=r"in_channels=4\) got 5 channels.*feature_dim"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distill_mixins import DMD2Mixin, FrameConditioning, KDMixin
+from distill_mixins.text import ByteTokenizer
 from distill_mixins.toy.clips import (
     RADIUS,
     SIZE,
@@ -19,7 +20,7 @@ from distill_mixins.toy.clips import (
     trajectory,
 )
 from distill_mixins.toy.host import ToyCondition, ToyVideo2World
-from distill_mixins.toy.text import OFFSET, ToyTextEncoder, tokenize
+from distill_mixins.toy.text import MAX_TOKENS, ToyTextEncoder, tokenize, word_membership
 from distill_mixins.toy.train import TeacherTrainConfig, conditional_scale, train_toy_teacher
 from distill_mixins.toy.unet import ToyUNet
 from distill_mixins.trigflow import add_noise
@@ -64,10 +65,29 @@ def test_prompts_parse_and_bad_prompts_name_the_fix():
 
 def test_byte_tokenizer_known_ids_and_limit():
     ids, mask = tokenize(["ab", ""])
-    assert ids.tolist() == [[1, ord("a") + OFFSET, ord("b") + OFFSET], [1, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    a, b = ord("a") + ByteTokenizer.offset, ord("b") + ByteTokenizer.offset
+    assert ids.shape == (2, MAX_TOKENS) and ids[:, :4].tolist() == [[a, b, 1, 0], [1, 0, 0, 0]]
+    assert mask.sum(dim=1).tolist() == [3, 1]
     with pytest.raises(ValueError, match="longer than"):
         tokenize(["x" * 60])
+
+
+def test_words_are_pooled_by_position_in_the_sentence():
+    """"ab c": bytes 0-1 are word 0, byte 3 is word 1; the space, the end token and the padding belong to none."""
+    ids, _ = tokenize(["ab c", ""])
+    member = word_membership(ids)
+    assert member[0, :5].argmax(dim=1).tolist()[:2] == [0, 0] and member[0, 3].tolist()[:2] == [0.0, 1.0]
+    assert member[0, 2].sum() == 0 and member[0, 4:].sum() == 0 and member[1].sum() == 0
+    with pytest.raises(ValueError, match="more than 6 words"):
+        word_membership(tokenize(["a b c d e f g"])[0])
+
+
+def test_text_encoder_separates_prompts_that_differ_in_one_word():
+    encoder = small_host().text_encoder
+    with torch.no_grad():
+        z = encoder(["red square moving left", "red square moving up", "red square moving left", ""])
+    assert torch.equal(z[0], z[2]) and (z[0] - z[1]).norm() > 0.1 * z[0].norm()
+    assert torch.isfinite(z[3]).all()
 
 
 def test_host_velocity_round_trips_to_the_networks_x0():

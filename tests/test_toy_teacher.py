@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from distill_mixins.eval.motion import temporal_consistency
+from distill_mixins.eval.motion import prompt_adherence, temporal_consistency
 from distill_mixins.eval.video import frechet_video_distance
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.demo import EVAL_SEED, REFERENCE_SEED, DemoConfig, ToyKD, gap_closed, run_demo
@@ -31,17 +31,36 @@ def _sample(model, clips, steps, guidance=3.0):
 
 
 def test_shipped_teacher_quality_bar(teacher_model):
-    """36 DDIM steps with CFG keep the shape (temporal consistency >= 0.8, real clips ~0.98) and are far closer to
-    real clips than the teacher's single step (FD at most half of it)."""
+    """36 DDIM steps with CFG follow the prompt (adherence >= 0.8: the tracked shape stays within 1.5 px of the
+    prompt's bouncing trajectory in every frame), keep the shape (temporal consistency >= 0.8, real clips ~0.98) and
+    are far closer to real clips than the teacher's single step (FD at most half of it), which smears the shape
+    (consistency at least 0.1 lower). Measured here: adherence 0.885, consistency 0.843 against 0.685 for one step,
+    FD 2.30 against 5.18 (biased at 96 clips)."""
     clips, reference = make_clips(96, EVAL_SEED), make_clips(96, REFERENCE_SEED)
     many, one = _sample(teacher_model, clips, 36), _sample(teacher_model, clips, 1)
     tc_many, tc_one = temporal_consistency(many, clips.prompts), temporal_consistency(one, clips.prompts)
     fd_many = frechet_video_distance(many, reference.video)
     fd_one = frechet_video_distance(one, reference.video)
-    print(f"teacher 36-step: tc {tc_many:.3f} fd {fd_many:.3f}; 1-step: tc {tc_one:.3f} fd {fd_one:.3f}")
-    assert tc_many >= 0.8 and tc_many >= tc_one + 0.15
+    adherence = prompt_adherence(many, clips.prompts)
+    print(f"teacher 36-step: adh {adherence:.3f} tc {tc_many:.3f} fd {fd_many:.3f}; "
+          f"1-step: tc {tc_one:.3f} fd {fd_one:.3f}")
+    assert adherence >= 0.8
+    assert tc_many >= 0.8 and tc_many >= tc_one + 0.1
     assert fd_many <= 0.5 * fd_one
     assert WEIGHTS.stat().st_size < 20e6
+
+
+def test_demo_help_states_the_config_defaults(capsys):
+    from distill_mixins.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = DemoConfig()
+    for flag, value in (("pairs", defaults.pairs), ("held-out clips", defaults.eval_clips),
+                        ("KD iterations", defaults.kd_iterations), ("DMD2 iterations", defaults.dmd2_iterations)):
+        assert f"{flag} (default {value})" in text, flag
+    assert f"(default {defaults.guidance:g})" in text
 
 
 def test_gap_closed_known_answers():

@@ -7,7 +7,8 @@ so the library pastes the given frames into the network input (at ``DistillConfi
 into the output x0. ``frame_mask`` all zeros is text-to-world.
 
 Text embeddings come precomputed in the batch (``prompt_embeds``), or from a :class:`TextConditioner` that runs
-a transformers text encoder. :class:`ByteTokenizer` is a vocabulary-free tokenizer for tiny test encoders.
+a transformers text encoder. :class:`ByteTokenizer` (from :mod:`distill_mixins.text`) is a vocabulary-free
+tokenizer for tiny test encoders.
 No part of this module needs diffusers.
 """
 
@@ -19,6 +20,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+
+from distill_mixins.text import ByteTokenizer
 
 HIDDEN_STATES = ("last", "all_normalized")
 
@@ -67,43 +70,6 @@ class Tokenizer(Protocol):
     ) -> Mapping[str, Tensor]:
         """``{"input_ids": (B, max_length) int64, "attention_mask": (B, max_length)}``."""
         ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids, so a tiny text encoder needs no vocabulary file.
-
-    Ids: 0 padding, 1 end of sequence, ``3 + byte`` for each byte (``vocab_size`` 259). Called like a transformers
-    tokenizer with ``padding="max_length"``: every prompt becomes its bytes plus the end token, truncated to
-    ``max_length`` (the end token kept) and right-padded with 0.
-    """
-
-    pad_token_id = 0
-    eos_token_id = 1
-    offset = 3
-    vocab_size = 259
-
-    def __call__(
-        self, text: list[str], *, padding: str = "max_length", max_length: int = 512, truncation: bool = True,
-        return_attention_mask: bool = True, return_tensors: str = "pt",
-    ) -> dict[str, Tensor]:
-        """``{"input_ids": (B, max_length) int64, "attention_mask": (B, max_length) int64}``."""
-        if padding != "max_length" or return_tensors != "pt":
-            raise ValueError("ByteTokenizer supports padding='max_length' and return_tensors='pt' only.")
-        if max_length < 1:
-            raise ValueError(f"ByteTokenizer max_length={max_length} must be >= 1.")
-        rows = []
-        for prompt in text:
-            ids = [self.offset + b for b in prompt.encode("utf-8")] + [self.eos_token_id]
-            if len(ids) > max_length:
-                if not truncation:
-                    raise ValueError(f"prompt of {len(ids)} tokens is longer than max_length={max_length}.")
-                ids = ids[: max_length - 1] + [self.eos_token_id]
-            rows.append(ids + [self.pad_token_id] * (max_length - len(ids)))
-        input_ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), max_length)
-        out = {"input_ids": input_ids}
-        if return_attention_mask:
-            out["attention_mask"] = (input_ids != self.pad_token_id).long()
-        return out
 
 
 # ----------------------------------------------------------------------------------------------- conditioner

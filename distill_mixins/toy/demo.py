@@ -54,7 +54,7 @@ class DemoConfig:
     """Sizes and settings of the demo (defaults: the full run, under 10 minutes on 2 CPU cores)."""
 
     out: str = "runs/demo"
-    pairs: int = 768
+    pairs: int = 512
     """KD teacher pairs (36-step CFG samples)."""
     eval_clips: int = 1024
     """Held-out conditions evaluated per sampler (and as many reference clips)."""
@@ -63,8 +63,8 @@ class DemoConfig:
     teacher_steps: int = 36
     guidance: float = 3.0
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
-    kd_iterations: int = 600
-    dmd2_iterations: int = 300
+    kd_iterations: int = 450
+    dmd2_iterations: int = 200
     batch_size: int = 32
     sample_batch: int = 64
     kd_lr: float = 2e-4

@@ -1,7 +1,10 @@
-"""The toy's text conditioner: a byte-level tokenizer and a tiny transformers BERT encoder built from a config in code.
+"""The toy's text conditioner: byte-level tokens and a tiny transformers BERT encoder built from a config in code.
 
-No vocabulary or weights are downloaded: token ids are the prompt's UTF-8 bytes shifted by the special tokens,
-and the encoder's weights ship with the toy teacher (they are trained with it).
+No vocabulary or weights are downloaded: token ids come from :class:`distill_mixins.text.ByteTokenizer`, and the
+encoder's weights ship with the toy teacher. The token states are averaged within each word and laid out by
+word, so the one word the first frame cannot show (the direction) is a quarter of the embedding whatever the
+lengths of the words before it (a layout by byte position moves every later word when the colour's name is
+longer, and the direction is then lost among those shifts: measured, docs/toy.md).
 """
 
 from __future__ import annotations
@@ -11,41 +14,52 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-PAD, CLS, OFFSET = 0, 1, 4
-"""Padding id, the leading token's id, and the shift of byte values (ids ``OFFSET .. OFFSET + 255``)."""
+from distill_mixins.text import ByteTokenizer
+
 MAX_TOKENS = 40
+"""Longest prompt in tokens (its bytes and the end token)."""
+MAX_WORDS = 6
+"""Most words in a prompt."""
 
 
 def tokenize(prompts: Sequence[str], max_tokens: int = MAX_TOKENS) -> tuple[Tensor, Tensor]:
-    """Byte-level token ids (B, L) and attention mask (B, L): ``[CLS] bytes... [PAD]...``; L = longest prompt + 1."""
-    encoded = [list(p.encode("utf-8")) for p in prompts]
-    too_long = [p for p, e in zip(prompts, encoded, strict=True) if len(e) + 1 > max_tokens]
+    """Byte token ids (B, max_tokens) and attention mask (B, max_tokens) of the prompts (:class:`ByteTokenizer`)."""
+    too_long = [p for p in prompts if len(p.encode("utf-8")) + 1 > max_tokens]
     if too_long:
         raise ValueError(f"prompt {too_long[0]!r} is longer than {max_tokens - 1} bytes, the toy encoder's limit.")
-    length = 1 + max((len(e) for e in encoded), default=0)
-    ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, 0] = CLS
-        ids[i, 1 : 1 + len(e)] = torch.tensor(e, dtype=torch.long) + OFFSET
-    return ids, (ids != PAD).long()
+    out = ByteTokenizer()(list(prompts), max_length=max_tokens, truncation=False)
+    return out["input_ids"], out["attention_mask"]
+
+
+def word_membership(ids: Tensor, max_words: int = MAX_WORDS) -> Tensor:
+    """(B, L, max_words) one-hot word index of every byte token of ids (B, L); spaces, end and padding: all 0."""
+    word = torch.cumsum((ids == ByteTokenizer.space_id).long(), dim=1)  # words seen before each token
+    is_byte = (ids >= ByteTokenizer.offset) & (ids != ByteTokenizer.space_id)
+    too_many = (word * is_byte).amax(dim=1) >= max_words
+    if bool(too_many.any()):
+        raise ValueError(f"a prompt has more than {max_words} words, the toy encoder's limit: shorten it.")
+    member = is_byte[..., None] & (word[..., None] == torch.arange(max_words, device=ids.device))
+    return member.float()
 
 
 class ToyTextEncoder(nn.Module):
-    """Prompts -> embeddings (B, dim): a tiny ``transformers.BertModel``, then a linear map of its token states
-    laid out by position (padded to ``MAX_TOKENS``), so every word keeps its weight (a mean over tokens would
-    dilute the one word that differs, e.g. the direction, to a few percent of the embedding)."""
+    """Prompts -> embeddings (B, dim): a tiny ``transformers.BertModel`` over byte tokens, its states averaged in
+    each word and normalised (LayerNorm), the words laid out in order (padded to ``MAX_WORDS``), a linear map and
+    a LayerNorm. The empty prompt (the uncondition) has no words: its embedding is the map's bias, normalised."""
 
     def __init__(self, dim: int = 64, layers: int = 2, heads: int = 2) -> None:
         super().__init__()
         from transformers import BertConfig, BertModel  # heavy import, only when a text encoder is built
 
         config = BertConfig(
-            vocab_size=OFFSET + 256, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=2 * dim, max_position_embeddings=MAX_TOKENS, pad_token_id=PAD,
+            vocab_size=ByteTokenizer.vocab_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=2 * dim, max_position_embeddings=MAX_TOKENS, pad_token_id=ByteTokenizer.pad_token_id,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.out = nn.Linear(MAX_TOKENS * dim, dim)
+        self.word_norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(MAX_WORDS * dim, dim)
+        self.out_norm = nn.LayerNorm(dim)
         self.dim = dim
 
     def forward(self, prompts: Sequence[str]) -> Tensor:
@@ -53,6 +67,8 @@ class ToyTextEncoder(nn.Module):
         device = self.out.weight.device
         ids, mask = (t.to(device) for t in tokenize(prompts))
         hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
-        hidden = hidden * mask[..., None].to(hidden.dtype)
-        padded = torch.nn.functional.pad(hidden, (0, 0, 0, MAX_TOKENS - hidden.shape[1]))
-        return self.out(padded.flatten(1))
+        member = word_membership(ids).to(hidden.dtype)  # (B, L, W)
+        count = member.sum(dim=1)[..., None]  # (B, W, 1)
+        words = torch.einsum("blw,bld->bwd", member, hidden) / count.clamp(min=1)
+        words = self.word_norm(words) * (count > 0).to(hidden.dtype)  # absent words are zeros
+        return self.out_norm(self.out(words.flatten(1)))

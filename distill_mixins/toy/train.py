@@ -5,7 +5,9 @@ fresh procedural clips (:mod:`distill_mixins.toy.clips`), ``tau`` from a logit-n
 ``x = (1 - tau) x0 + tau eps`` with the first frame given (pasted at the conditional noise level, as the
 distillation mixins paste it), prompts dropped to "" with probability ``p_uncond`` (classifier-free guidance),
 and the velocity loss ``||(x0_hat - x0) / max(tau, tau_floor)||^2`` on the generated frames. AdamW, bf16
-autocast on CPU, an EMA of the weights (the EMA is what ships). Resumable: ``train_state.pt`` in the run
+autocast on CPU, an EMA of the weights (the EMA is what ships). The text encoder stays frozen at its seeded
+initialisation, as Cosmos keeps its T5 frozen: trained jointly, its direction features learnt several times
+slower than the UNet could use them (docs/toy.md has the measurements). Resumable: ``train_state.pt`` in the run
 directory is written atomically every ``save_every`` iterations and picked up by a re-run.
 
 Command: ``distill-mixins toy-teacher --out runs/toy-teacher`` (see ``--help``); the exact command that made
@@ -91,7 +93,8 @@ def teacher_loss(
     x0 = host.encode(clip)
     b, _, frames = x0.shape[:3]
     keep = torch.rand(b, generator=generator) >= config.p_uncond
-    text = host.embed_prompts([p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)])
+    with torch.no_grad():  # the text encoder is frozen
+        text = host.embed_prompts([p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)])
     tau = sample_tau(b, config.uniform_fraction, generator)
     eps = torch.randn(x0.shape, generator=generator)
     tb = tau[:, None, None, None, None]
@@ -147,7 +150,7 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 @torch.no_grad()
 def _update_ema(ema: ToyVideo2World, host: ToyVideo2World, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), host.parameters(), strict=True):
+    for p_ema, p in zip(ema.net.parameters(), host.net.parameters(), strict=True):
         p_ema.lerp_(p.detach(), 1.0 - beta)
 
 
@@ -158,8 +161,9 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
     (out / "teacher_config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
     host = ToyVideo2World(ToyUNet(), ToyTextEncoder())
+    host.text_encoder.requires_grad_(False)
     ema = copy.deepcopy(host).requires_grad_(False)
-    opt = torch.optim.AdamW(host.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(host.net.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, config))
     start, elapsed = 0, 0.0
     state_path = out / "train_state.pt"
@@ -180,7 +184,7 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
         loss = teacher_loss(host, clips.video, clips.prompts, config, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(host.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(host.net.parameters(), config.grad_clip)
         opt.step()
         sched.step()
         _update_ema(ema, host, 0.0 if iteration < config.warmup else beta)
