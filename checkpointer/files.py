@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,13 +53,23 @@ def file_problem(path: Path, size: int, sha256: str) -> str | None:
     return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file, fsync, rename, fsync of the directory."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` writes a temporary file beside it (and fsyncs it), then a rename
+    and an fsync of the directory. A crash leaves the previous ``path`` whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    fsync_file(tmp)
+    write(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`write_atomic`)."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+        fsync_file(tmp)
+
+    write_atomic(path, write)
 
 
 def sha256_file(path: Path) -> str:

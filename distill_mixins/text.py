@@ -39,7 +39,10 @@ class ByteTokenizer:
             ids = [self.offset + b for b in prompt.encode("utf-8")] + [self.eos_token_id]
             if len(ids) > max_length:
                 if not truncation:
-                    raise ValueError(f"prompt of {len(ids)} tokens is longer than max_length={max_length}.")
+                    raise ValueError(
+                        f"prompt {prompt!r} of {len(ids)} tokens is longer than max_length={max_length}: shorten it, "
+                        "or allow truncation."
+                    )
                 ids = ids[: max_length - 1] + [self.eos_token_id]
             rows.append(ids + [self.pad_token_id] * (max_length - len(ids)))
         input_ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), max_length)

@@ -28,6 +28,7 @@ from loguru import logger
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin
@@ -129,8 +130,17 @@ def _trainer_config(config: DemoConfig, stage: str, iterations: int) -> TrainerC
     )
 
 
-def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> tuple[ToyKD, float, float]:
-    """Stages 1 and 2: the teacher's KD pairs, then KD. Returns the model and both stages' seconds."""
+@dataclass
+class KDStage:
+    """The KD model and the seconds of stages 1 (teacher pairs) and 2 (KD)."""
+
+    model: ToyKD
+    data_s: float
+    kd_s: float
+
+
+def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> KDStage:
+    """Stages 1 and 2: the teacher's KD pairs, then KD."""
     model = ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig(
         student_optimizer=_optimizer(config.kd_lr), ema=EMAConfig(halflife_steps=50.0),
     ))
@@ -145,7 +155,7 @@ def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> tuple[ToyKD, float, f
     data_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
     DistillationTrainer(model, KDShardDataset(data_dir), _trainer_config(config, "kd", config.kd_iterations)).fit()
-    return model, data_seconds, time.perf_counter() - tic
+    return KDStage(model, data_seconds, time.perf_counter() - tic)
 
 
 def dmd2_config(config: DemoConfig) -> DMD2Config:
@@ -263,10 +273,19 @@ def gap_closed(fd_teacher_1step: float, fd_student: float, fd_teacher: float) ->
     return (fd_teacher_1step - fd_student) / (fd_teacher_1step - fd_teacher)
 
 
-def evaluate(
-    model: ToyDMD2 | ToyKD, config: DemoConfig
-) -> tuple[dict[str, SamplerMetrics], float, dict[str, Tensor], list[str]]:
-    """Metrics of every sampler on held-out conditions, the real-vs-real floor, each sampler's clips, the prompts."""
+@dataclass
+class Evaluation:
+    """Figures of every sampler, the real-vs-real FD floor, the decoded clips (N, 3, T, H, W) of every sampler (and
+    ``ground_truth``), and the held-out prompts."""
+
+    figures: dict[str, SamplerMetrics]
+    fd_floor: float
+    clips: dict[str, Tensor]
+    prompts: list[str]
+
+
+def evaluate(model: ToyDMD2 | ToyKD, config: DemoConfig) -> Evaluation:
+    """Metrics of every sampler on held-out conditions (see :class:`Evaluation`)."""
     from distill_mixins.eval.motion import diversity
     from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
 
@@ -290,7 +309,7 @@ def evaluate(
         clips[name] = run.clips
         logger.info("{}: {}", name, results[name])
     clips["ground_truth"] = held_out.video
-    return results, floor, clips, held_out.prompts
+    return Evaluation(results, floor, clips, held_out.prompts)
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
@@ -303,23 +322,23 @@ def run_demo(config: DemoConfig) -> DemoResult:
     (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
     teacher = load_toy_teacher(config.teacher_weights)
-    kd, data_s, kd_s = run_kd(config, teacher)
-    final: ToyKD | ToyDMD2 = kd
-    stage = {"kd_data_s": data_s, "kd_s": kd_s}
+    kd = run_kd(config, teacher)
+    final: ToyKD | ToyDMD2 = kd.model
+    stage = {"kd_data_s": kd.data_s, "kd_s": kd.kd_s}
     if config.dmd2_iterations > 0:
-        final, stage["dmd2_s"] = run_dmd2(config, teacher, kd)
+        final, stage["dmd2_s"] = run_dmd2(config, teacher, kd.model)
     final.eval()
     tic = time.perf_counter()
     with frozen_bf16(config, final.net_teacher, final.net):
-        figures, floor, clips, prompts = evaluate(final, config)
+        evaluation = evaluate(final, config)
     stage["eval_s"] = time.perf_counter() - tic
-    t36, t1, s1 = (figures[k] for k in ("teacher_36step_cfg", "teacher_1step", "student_1step"))
+    t36, t1, s1 = (evaluation.figures[k] for k in ("teacher_36step_cfg", "teacher_1step", "student_1step"))
     result = DemoResult(
-        samplers=figures, fd_floor=floor, gap_closed=gap_closed(t1.fd, s1.fd, t36.fd),
+        samplers=evaluation.figures, fd_floor=evaluation.fd_floor, gap_closed=gap_closed(t1.fd, s1.fd, t36.fd),
         speedup_wall=t36.latency_s_per_clip / s1.latency_s_per_clip, elapsed_s=time.perf_counter() - start,
         stage_seconds=stage, config=asdict(config),
     )
-    (out / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
-    write_report(out, result, clips, prompts)
+    write_text_atomic(out / "metrics.json", json.dumps(result.to_json(), indent=2))
+    write_report(out, result, evaluation.clips, evaluation.prompts)
     return result
 

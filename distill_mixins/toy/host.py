@@ -55,7 +55,6 @@ class ToyVideo2World(nn.Module):
         super().__init__()
         self.net = net if net is not None else ToyUNet()
         self.text_encoder = text_encoder if text_encoder is not None else ToyTextEncoder()
-        self._empty: Tensor | None = None
 
     # ------------------------------------------------------------------ tokenizer
     @staticmethod
@@ -78,9 +77,9 @@ class ToyVideo2World(nn.Module):
         if len(prompts) != latent.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for a batch of {latent.shape[0]} clips: give one prompt a clip.")
         mask = first_frame_mask(latent.shape[0], latent.shape[2], latent.device)
-        with torch.no_grad():
-            text = self.embed_prompts(prompts).to(latent.device)
-            empty = self.embed_prompts([""]).to(latent.device).expand_as(text)
+        with torch.no_grad():  # one encoder pass for the prompts and the empty prompt
+            embeddings = self.embed_prompts([*prompts, ""]).to(latent.device)
+        text, empty = embeddings[:-1], embeddings[-1:].expand(len(prompts), -1)
         condition = ToyCondition(text=text, gt_frames=latent, frame_mask=mask)
         return condition, replace(condition, text=empty)
 

@@ -23,10 +23,8 @@ MAX_WORDS = 6
 
 
 def tokenize(prompts: Sequence[str], max_tokens: int = MAX_TOKENS) -> tuple[Tensor, Tensor]:
-    """Byte token ids (B, max_tokens) and attention mask (B, max_tokens) of the prompts (:class:`ByteTokenizer`)."""
-    too_long = [p for p in prompts if len(p.encode("utf-8")) + 1 > max_tokens]
-    if too_long:
-        raise ValueError(f"prompt {too_long[0]!r} is longer than {max_tokens - 1} bytes, the toy encoder's limit.")
+    """Byte token ids (B, max_tokens) and attention mask (B, max_tokens) of the prompts (:class:`ByteTokenizer`);
+    a prompt longer than ``max_tokens - 1`` bytes raises ValueError."""
     out = ByteTokenizer()(list(prompts), max_length=max_tokens, truncation=False)
     return out["input_ids"], out["attention_mask"]
 

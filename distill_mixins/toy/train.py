@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
-from distill_mixins.checkpointer.files import fsync_dir, plain_tensors, save_safetensors, save_torch
+from distill_mixins.checkpointer.files import plain_tensors, save_safetensors, save_torch, write_atomic
+from distill_mixins.config import EMAConfig
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.host import ToyVideo2World, first_frame_mask
 from distill_mixins.toy.text import ToyTextEncoder
@@ -118,10 +119,7 @@ def save_teacher(path: Path, ema: ToyVideo2World, metadata: dict[str, str]) -> N
     """EMA UNet and text encoder as one bf16 safetensors file (``net.*``, ``text_encoder.*``), atomically."""
     state = {f"net.{k}": v.to(torch.bfloat16) for k, v in ema.net.state_dict().items()}
     state |= {f"text_encoder.{k}": v.to(torch.bfloat16) for k, v in ema.text_encoder.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_safetensors(plain_tensors(state, "toy teacher"), tmp, metadata)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda tmp: save_safetensors(plain_tensors(state, "toy teacher"), tmp, metadata))
 
 
 def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> ToyVideo2World:
@@ -139,13 +137,6 @@ def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = tor
         module.load_state_dict(part, strict=True)
     host.text_encoder.requires_grad_(False).eval()
     return host.to(dtype)
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_torch(obj, tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @torch.no_grad()
@@ -175,7 +166,7 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
         sched.load_state_dict(state["sched"])
         start, elapsed = int(state["iteration"]), float(state["elapsed_s"])
         logger.info("resuming the toy teacher at iteration {} ({:.0f} s so far)", start, elapsed)
-    beta = 0.5 ** (1.0 / config.ema_halflife)
+    beta = EMAConfig(halflife_steps=config.ema_halflife).beta(1)
     t0 = time.perf_counter() - elapsed
     bar = tqdm(range(start, config.iterations), desc="toy teacher", unit="it", initial=start, total=config.iterations)
     for iteration in bar:
@@ -192,11 +183,9 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
             bar.set_postfix(loss=f"{loss.item():.4f}")
         done = iteration + 1
         if done % config.save_every == 0 or done == config.iterations:
-            _atomic_torch_save(
-                {"host": host.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "iteration": done, "elapsed_s": time.perf_counter() - t0},
-                state_path,
-            )
+            state = {"host": host.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "iteration": done, "elapsed_s": time.perf_counter() - t0}
+            write_atomic(state_path, partial(save_torch, state))
     seconds = time.perf_counter() - t0
     metadata = {"config": json.dumps(asdict(config)), "command": command, "train_seconds": f"{seconds:.0f}"}
     path = out / "toy_teacher.safetensors"
