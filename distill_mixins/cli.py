@@ -29,16 +29,25 @@ def _demo_analytic(args: argparse.Namespace) -> int:
 DEMO_FLAGS = ("pairs", "eval_clips", "kd_iterations", "dmd2_iterations", "guidance", "seed", "teacher_weights")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from distill_mixins.toy.demo import DemoConfig, run_demo
-    from distill_mixins.toy.report import format_table
+def demo_config(args: argparse.Namespace) -> Any:
+    """The :class:`~distill_mixins.toy.demo.DemoConfig` that ``distill-mixins demo`` flags ask for."""
+    from distill_mixins.toy.demo import DemoConfig
 
     values = {name: getattr(args, name) for name in DEMO_FLAGS if getattr(args, name) is not None}
     if args.out is not None:
         values["out"] = args.out
     if args.no_bf16:
         values["bf16"] = False
-    config = DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
+    if args.kd_symmetries:
+        values["kd_symmetries"] = True
+    return DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from distill_mixins.toy.demo import run_demo
+    from distill_mixins.toy.report import format_table
+
+    config = demo_config(args)
     logger.info("toy Video2World demo: 36-step CFG teacher -> KD -> DMD2 -> 1-step student, in {}", config.out)
     result = run_demo(config)
     print(format_table(result))
@@ -64,6 +73,10 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("--teacher-weights", dest="teacher_weights", default=None, help="toy teacher safetensors")
     demo.add_argument("--no-bf16", dest="no_bf16", action="store_true", help="float32 instead of bf16 autocast")
+    demo.add_argument(
+        "--kd-symmetries", dest="kd_symmetries", action="store_true",
+        help="move every KD pair by a random rotation or reflection of the square (pays off with more KD iterations)",
+    )
     demo.set_defaults(func=_demo)
     analytic = commands.add_parser("demo-analytic", help="distill an exact 36-step CFG mixture teacher (seconds)")
     analytic.add_argument("--out", default="runs/demo-analytic", help="run directory (default: %(default)s)")

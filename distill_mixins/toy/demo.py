@@ -4,8 +4,10 @@ Stages (each resumable: a re-run in the same directory skips what is done):
 
 1. **KD data**: :func:`~distill_mixins.data.generate_kd_data` runs the teacher (36 steps, CFG ``w``) on the
    conditions (first frame + prompt) of procedurally generated training clips -> sharded safetensors.
-2. **KD**: :class:`~distill_mixins.methods.kd.KDMixin` through the :class:`DistillationTrainer` on those shards.
-3. **DMD2**: :class:`~distill_mixins.methods.dmd2.DMD2Mixin` from the KD stage's EMA student (critic = a copy
+2. **KD**: :class:`~distill_mixins.methods.kd.KDMixin` through the :class:`DistillationTrainer` on those shards
+   (with ``kd_symmetries``, each pair moved by a random symmetry of the square world:
+   :mod:`distill_mixins.toy.symmetry`).
+3. **DMD2**: :class:`~distill_mixins.methods.dmd2.DMD2Mixin` from the KD stage's student, raw weights (critic = a copy
    of the teacher), on fresh procedural conditions.
 4. **Evaluation** on held-out clips (:mod:`distill_mixins.eval.video`): Frechet distance against a second
    held-out real set (and the floor between two real sets), prompt adherence, temporal consistency,
@@ -35,8 +37,9 @@ from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin
 from distill_mixins.precision import matmul_weights_in
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.host import ToyVideo2World
+from distill_mixins.toy.symmetry import SymmetricPairs
 from distill_mixins.toy.train import load_toy_teacher
-from distill_mixins.trainer import DistillationTrainer, FunctionData, TrainerConfig
+from distill_mixins.trainer import DataSource, DistillationTrainer, FunctionData, MapStyleData, TrainerConfig
 
 TRAIN_SEED, EVAL_SEED, REFERENCE_SEED, DMD2_SEED = 1, 1_000_001, 2_000_002, 3_000_003
 """Seeds of the clip sets: KD conditions, held-out evaluation conditions, held-out reference clips, DMD2."""
@@ -66,6 +69,9 @@ class DemoConfig:
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
     kd_iterations: int = 450
     dmd2_iterations: int = 200
+    kd_symmetries: bool = False
+    """Move every KD pair by a random rotation or reflection of the square frame (8x the pairs): KD then keeps
+    improving past the default iterations instead of memorising its pairs (docs/toy.md)."""
     batch_size: int = 32
     sample_batch: int = 64
     kd_lr: float = 2e-4
@@ -154,7 +160,10 @@ def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> KDStage:
         generate_kd_data(model, clip_batches(config.pairs, TRAIN_SEED, config.sample_batch), data_dir, data_config)
     data_seconds = time.perf_counter() - tic
     tic = time.perf_counter()
-    DistillationTrainer(model, KDShardDataset(data_dir), _trainer_config(config, "kd", config.kd_iterations)).fit()
+    pairs: DataSource = MapStyleData(KDShardDataset(data_dir), config.batch_size, seed=config.seed)
+    if config.kd_symmetries:
+        pairs = SymmetricPairs(pairs, seed=config.seed)
+    DistillationTrainer(model, pairs, _trainer_config(config, "kd", config.kd_iterations)).fit()
     return KDStage(model, data_seconds, time.perf_counter() - tic)
 
 
