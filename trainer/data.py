@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
+from distill_mixins.trainer.seeding import mixed_seed
 from torch import Tensor
 from torch.utils.data import default_collate
 
@@ -49,8 +49,7 @@ class MapStyleData:
         if self._epoch is None or self._epoch[0] != epoch:
             n = len(self.dataset)
             if self.shuffle:
-                key = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(key))
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(self.seed, epoch)))
             else:
                 order = torch.arange(n)
             self._epoch = (epoch, order)

@@ -10,6 +10,12 @@ import numpy as np
 import torch
 
 
+def mixed_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` (an epoch, a micro-batch, a sample) of a run seeded ``seed``: numpy
+    ``SeedSequence`` mixing, so neighbouring indices give unrelated streams."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
     random.seed(seed)

@@ -38,6 +38,7 @@ from distill_mixins.checkpointer.files import file_problem, fsync_dir, fsync_fil
 from distill_mixins.config import check_choice, check_positive
 from distill_mixins.core import DistillBatch
 from distill_mixins.sampling import GRIDS, sample_ode_states, time_grid
+from distill_mixins.trainer.seeding import mixed_seed
 from distill_mixins.trigflow import max_time
 
 FORMAT = "distill-mixins-kd/1"
@@ -319,7 +320,7 @@ def _allocate(steps: int, lengths: np.ndarray) -> list[int]:
 
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit generator seed for sample ``index`` of a run seeded ``seed`` (numpy SeedSequence mixing)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return mixed_seed(seed, index)
 
 
 def sample_noise(seed: int, indices: Sequence[int], shape: Sequence[int], dtype: torch.dtype) -> Tensor:

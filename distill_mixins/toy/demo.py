@@ -328,7 +328,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_text_atomic(out / "demo_config.json", json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
     teacher = load_toy_teacher(config.teacher_weights)
     kd = run_kd(config, teacher)

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from distill_mixins.toy.clips import DIRECTIONS, parse_prompt
 from distill_mixins.trainer import DataSource
+from distill_mixins.trainer.seeding import mixed_seed
 
 _NAMES = {step: name for name, step in DIRECTIONS.items()}
 
@@ -82,6 +82,6 @@ class SymmetricPairs:
         batch = self.base.batch(step)
         if not isinstance(batch, dict) or "prompt" not in batch:
             raise KeyError("SymmetricPairs needs toy batches: dicts with 'prompt' and the clip tensors.")
-        key = int(np.random.SeedSequence([self.seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        picks = torch.randint(len(SYMMETRIES), (len(batch["prompt"]),), generator=torch.Generator().manual_seed(key))
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, step))
+        picks = torch.randint(len(SYMMETRIES), (len(batch["prompt"]),), generator=generator)
         return move_batch(batch, [SYMMETRIES[i] for i in picks.tolist()], self.keys)
