@@ -26,7 +26,10 @@ def _demo_analytic(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_FLAGS = ("pairs", "eval_clips", "kd_iterations", "dmd2_iterations", "guidance", "seed", "teacher_weights")
+DEMO_FLAGS = (
+    "pairs", "eval_clips", "kd_iterations", "dmd2_iterations", "refine_iterations", "guidance", "seed",
+    "teacher_weights",
+)
 
 
 def demo_config(args: argparse.Namespace) -> Any:
@@ -48,7 +51,9 @@ def _demo(args: argparse.Namespace) -> int:
     from distill_mixins.toy.report import format_table
 
     config = demo_config(args)
-    logger.info("toy Video2World demo: 36-step CFG teacher -> KD -> DMD2 -> 1-step student, in {}", config.out)
+    logger.info(
+        "toy Video2World demo: 36-step CFG teacher -> KD -> DMD2 -> refined KD -> 1-step student, in {}", config.out
+    )
     result = run_demo(config)
     print(format_table(result))
     print(f"report: {config.out}/report.md, figures: {config.out}/metrics.json, picture: {config.out}/samples.png")
@@ -68,6 +73,10 @@ def _add_demo(commands: Any) -> None:
     )
     demo.add_argument(
         "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 200)"
+    )
+    demo.add_argument(
+        "--refine-iterations", dest="refine_iterations", type=int, default=None,
+        help="refined-KD iterations after DMD2, 0 skips them (default 0)",
     )
     demo.add_argument("--guidance", type=float, default=None, help="teacher CFG scale w, standard form (default 3)")
     demo.add_argument("--seed", type=int, default=None)

@@ -58,9 +58,27 @@ def test_demo_help_states_the_config_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     defaults = DemoConfig()
     for flag, value in (("pairs", defaults.pairs), ("held-out clips", defaults.eval_clips),
-                        ("KD iterations", defaults.kd_iterations), ("DMD2 iterations", defaults.dmd2_iterations)):
+                        ("KD iterations", defaults.kd_iterations), ("DMD2 iterations", defaults.dmd2_iterations),
+                        ("refined-KD iterations after DMD2, 0 skips them", defaults.refine_iterations)):
         assert f"{flag} (default {value})" in text, flag
     assert f"(default {defaults.guidance:g})" in text
+
+
+def test_demo_refined_kd_settings_reach_the_method():
+    from distill_mixins.cli import build_parser, demo_config
+    from distill_mixins.toy.demo import refined_kd_config
+
+    assert DemoConfig().refine_iterations == 0  # opt-in: it costs FD on the toy (docs/methods/refined_kd.md)
+    assert demo_config(build_parser().parse_args(["demo", "--refine-iterations", "160"])).refine_iterations == 160
+    config = refined_kd_config(DemoConfig(refine_tau=0.35, refine_teacher_steps=4, guidance=3.0))
+    assert config.refine_time == pytest.approx(math.atan2(0.35, 0.65), abs=1e-12)  # rectified flow, sigma_d = 1
+    assert config.teacher_steps == 4 and config.guidance_scale == 3.0
+    with pytest.raises(ValueError, match="DemoConfig.refine_tau=1.0"):
+        DemoConfig(refine_tau=1.0)
+    with pytest.raises(ValueError, match="DemoConfig.refine_teacher_steps=0"):
+        DemoConfig(refine_teacher_steps=0)
+    with pytest.raises(ValueError, match="DemoConfig.refine_iterations=-1"):
+        DemoConfig(refine_iterations=-1)
 
 
 def test_gap_closed_known_answers():
@@ -70,7 +88,8 @@ def test_gap_closed_known_answers():
 
 def test_demo_end_to_end_tiny(tmp_path):
     config = DemoConfig.quick(out=str(tmp_path / "demo"), pairs=32, eval_clips=32, diversity_clips=8,
-                              kd_iterations=4, dmd2_iterations=2, batch_size=8, sample_batch=16)
+                              kd_iterations=4, dmd2_iterations=2, refine_iterations=2, batch_size=8,
+                              sample_batch=16)
     result = run_demo(config)
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     for key in ("teacher_36step_cfg", "teacher_1step", "student_1step"):

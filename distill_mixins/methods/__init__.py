@@ -2,5 +2,6 @@
 
 from distill_mixins.methods.dmd2 import DMD2Config, DMD2Mixin
 from distill_mixins.methods.kd import KDConfig, KDMixin
+from distill_mixins.methods.refined_kd import RefinedKDConfig, RefinedKDMixin
 
-__all__ = ["DMD2Config", "DMD2Mixin", "KDConfig", "KDMixin"]
+__all__ = ["DMD2Config", "DMD2Mixin", "KDConfig", "KDMixin", "RefinedKDConfig", "RefinedKDMixin"]

@@ -33,16 +33,18 @@ from tqdm import tqdm
 from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
-from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin
+from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
 from distill_mixins.precision import matmul_weights_in
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.host import ToyVideo2World
 from distill_mixins.toy.symmetry import SymmetricPairs
 from distill_mixins.toy.train import load_toy_teacher
 from distill_mixins.trainer import DataSource, DistillationTrainer, FunctionData, MapStyleData, TrainerConfig
+from distill_mixins.trigflow import native_to_trigflow_time
 
-TRAIN_SEED, EVAL_SEED, REFERENCE_SEED, DMD2_SEED = 1, 1_000_001, 2_000_002, 3_000_003
-"""Seeds of the clip sets: KD conditions, held-out evaluation conditions, held-out reference clips, DMD2."""
+TRAIN_SEED, EVAL_SEED, REFERENCE_SEED, DMD2_SEED, REFINE_SEED = 1, 1_000_001, 2_000_002, 3_000_003, 4_000_004
+"""Seeds of the clip sets: KD conditions, held-out evaluation conditions, held-out reference clips, DMD2, refined
+KD."""
 
 
 class ToyKD(KDMixin, ToyVideo2World):
@@ -51,6 +53,10 @@ class ToyKD(KDMixin, ToyVideo2World):
 
 class ToyDMD2(DMD2Mixin, ToyVideo2World):
     """DMD2 on the toy host."""
+
+
+class ToyRefinedKD(RefinedKDMixin, ToyVideo2World):
+    """Refined KD on the toy host."""
 
 
 @dataclass
@@ -69,6 +75,14 @@ class DemoConfig:
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
     kd_iterations: int = 450
     dmd2_iterations: int = 200
+    refine_iterations: int = 0
+    """Refined-KD iterations after DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 (the default) skips the stage:
+    it lifts prompt adherence past the teacher's but costs FD here (docs/toy.md)."""
+    refine_tau: float = 0.35
+    """Rectified-flow time the student's sample is re-noised to (0.35: 65% signal)."""
+    refine_teacher_steps: int = 4
+    """Teacher DDIM steps from the re-noised student sample to 0."""
+    refine_lr: float = 1e-4
     kd_symmetries: bool = False
     """Move every KD pair by a random rotation or reflection of the square frame (8x the pairs): KD then keeps
     improving past the default iterations instead of memorising its pairs (docs/toy.md)."""
@@ -84,12 +98,17 @@ class DemoConfig:
     """Path of toy teacher weights; None: the shipped ones."""
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "eval_clips", "diversity_clips", "teacher_steps", "batch_size", "sample_batch"):
+        for name in (
+            "pairs", "eval_clips", "diversity_clips", "teacher_steps", "batch_size", "sample_batch",
+            "refine_teacher_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)} must be >= 1.")
-        for name in ("kd_iterations", "dmd2_iterations"):
+        for name in ("kd_iterations", "dmd2_iterations", "refine_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)} must be >= 0.")
+        if not 0.0 < self.refine_tau < 1.0:
+            raise ValueError(f"DemoConfig.refine_tau={self.refine_tau} must be a rectified-flow time in (0, 1).")
         if self.diversity_clips > self.eval_clips:
             raise ValueError(f"DemoConfig.diversity_clips={self.diversity_clips} exceeds eval_clips={self.eval_clips}.")
 
@@ -98,7 +117,7 @@ class DemoConfig:
         """A CI-sized run (about a minute): few pairs, iterations and evaluation clips."""
         values: dict[str, Any] = {
             "out": "runs/demo-quick", "pairs": 128, "eval_clips": 128, "diversity_clips": 32, "kd_iterations": 40,
-            "dmd2_iterations": 10,
+            "dmd2_iterations": 10, "refine_iterations": 10,
         }
         return cls(**{**values, **overrides})
 
@@ -176,25 +195,56 @@ def dmd2_config(config: DemoConfig) -> DMD2Config:
     )
 
 
-def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, kd: ToyKD) -> tuple[ToyDMD2, float]:
-    """Stage 3: DMD2 starting from the KD stage's student (its raw weights: measured better than its EMA here)."""
-    model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
-    model.load_student_state_dict(kd.net.state_dict())
-    clips_per_step = config.batch_size
+def conditions(seed: int, batch: int) -> FunctionData:
+    """Trainer data of fresh procedural conditions: step ``i`` is the batch of clips drawn from ``seed + i``."""
 
-    def batch(step: int) -> dict[str, Any]:
-        clips = make_clips(clips_per_step, DMD2_SEED + step)
+    def make(step: int) -> dict[str, Any]:
+        clips = make_clips(batch, seed + step)
         return {"clip": clips.video, "prompt": clips.prompts}
 
+    return FunctionData(make)
+
+
+def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyDMD2, float]:
+    """Stage 3: DMD2 starting from the KD stage's student (its raw weights: measured better than its EMA here)."""
+    model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
+    model.load_student_state_dict(student.state_dict())
     tic = time.perf_counter()
-    trainer_config = _trainer_config(config, "dmd2", config.dmd2_iterations)
     with frozen_bf16(config, model.net_teacher):  # the teacher only runs without gradients here (no GAN)
-        DistillationTrainer(model, FunctionData(batch), trainer_config).fit()
+        DistillationTrainer(
+            model, conditions(DMD2_SEED, config.batch_size), _trainer_config(config, "dmd2", config.dmd2_iterations)
+        ).fit()
+    return model, time.perf_counter() - tic
+
+
+def refined_kd_config(config: DemoConfig) -> RefinedKDConfig:
+    """Refined KD with the demo's CFG scale: re-noise to ``refine_tau``, ``refine_teacher_steps`` DDIM steps."""
+    tau = torch.tensor(config.refine_tau, dtype=torch.float64)
+    refine_time = native_to_trigflow_time(tau, "rectified_flow", ToyVideo2World.sigma_data)
+    return RefinedKDConfig(
+        student_optimizer=_optimizer(config.refine_lr), teacher_steps=config.refine_teacher_steps,
+        refine_time=float(refine_time),
+        guidance_scale=config.guidance, ema=EMAConfig(halflife_steps=20.0),
+    )
+
+
+def run_refine(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyRefinedKD, float]:
+    """Stage 4: refined KD from the previous stage's student (:mod:`distill_mixins.methods.refined_kd`)."""
+    model = ToyRefinedKD(teacher.net, teacher.text_encoder, distill=refined_kd_config(config))
+    model.load_student_state_dict(student.state_dict())
+    tic = time.perf_counter()
+    with frozen_bf16(config, model.net_teacher):
+        DistillationTrainer(
+            model, conditions(REFINE_SEED, config.batch_size),
+            _trainer_config(config, "refined_kd", config.refine_iterations),
+        ).fit()
     return model, time.perf_counter() - tic
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+Student = ToyKD | ToyDMD2 | ToyRefinedKD
+"""The model of the last stage run (its ``net`` is the student)."""
 Sampler = Callable[[Any, Any, Tensor], Tensor]
 """``(condition, uncondition, noise) -> latent x0`` (B, C, T, H, W)."""
 
@@ -210,7 +260,7 @@ class SamplerRun:
 
 @torch.no_grad()
 def run_sampler(
-    model: ToyKD | ToyDMD2, sampler: Sampler, nfe: int, clips: Tensor, prompts: list[str], config: DemoConfig,
+    model: Student, sampler: Sampler, nfe: int, clips: Tensor, prompts: list[str], config: DemoConfig,
     *, noise_seed: int, desc: str,
 ) -> SamplerRun:
     """Sample every condition (first frame + prompt) of ``clips`` in batches of ``config.sample_batch``; the time
@@ -230,7 +280,7 @@ def run_sampler(
     return SamplerRun(torch.cat(outs), nfe, seconds / len(prompts))
 
 
-def samplers(model: ToyDMD2 | ToyKD, config: DemoConfig) -> dict[str, tuple[Sampler, int]]:
+def samplers(model: Student, config: DemoConfig) -> dict[str, tuple[Sampler, int]]:
     """The evaluated samplers and their network evaluations per clip."""
     w, steps = config.guidance, config.teacher_steps
 
@@ -293,7 +343,7 @@ class Evaluation:
     prompts: list[str]
 
 
-def evaluate(model: ToyDMD2 | ToyKD, config: DemoConfig) -> Evaluation:
+def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     """Metrics of every sampler on held-out conditions (see :class:`Evaluation`)."""
     from distill_mixins.eval.motion import diversity
     from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
@@ -332,10 +382,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     torch.manual_seed(config.seed)
     teacher = load_toy_teacher(config.teacher_weights)
     kd = run_kd(config, teacher)
-    final: ToyKD | ToyDMD2 = kd.model
+    final: Student = kd.model
     stage = {"kd_data_s": kd.data_s, "kd_s": kd.kd_s}
     if config.dmd2_iterations > 0:
-        final, stage["dmd2_s"] = run_dmd2(config, teacher, kd.model)
+        final, stage["dmd2_s"] = run_dmd2(config, teacher, final.net)
+    if config.refine_iterations > 0:
+        final, stage["refine_s"] = run_refine(config, teacher, final.net)
     final.eval()
     tic = time.perf_counter()
     with frozen_bf16(config, final.net_teacher, final.net):

@@ -76,13 +76,19 @@ def write_report(out: Path, result: DemoResult, clips: dict[str, Tensor], prompt
     stages = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in result.stage_seconds.items())
     shown = "\n".join(f"- sample {i}: {p}" for i, p in enumerate(prompts[:SHOWN]))
     cfg = result.config
+    refined = (
+        f", then refined KD ({cfg['refine_iterations']} iterations: the student regresses the teacher's "
+        f"{cfg['refine_teacher_steps']}-step solve of its own sample re-noised to tau {cfg['refine_tau']})"
+        if cfg.get("refine_iterations", 0) > 0 else ""
+    )
     text = f"""# distill-mixins demo: a 36-step CFG toy teacher distilled into a 1-step student
 
 Teacher: the shipped toy Video2World model (rectified flow, first frame + prompt), sampled with
 {cfg['teacher_steps']} DDIM steps (the flow-matching Euler of a rectified-flow model) and classifier-free guidance
 w = {cfg['guidance']} (2 network evaluations a step).
 Student: a copy of the teacher trained by KD on {cfg['pairs']} teacher pairs ({cfg['kd_iterations']} iterations),
-then DMD2 ({cfg['dmd2_iterations']} iterations). Evaluated on {cfg['eval_clips']} held-out conditions against
+then DMD2 ({cfg['dmd2_iterations']} iterations){refined}.
+Evaluated on {cfg['eval_clips']} held-out conditions against
 {cfg['eval_clips']} held-out real clips.
 
 ```

@@ -1,0 +1,114 @@
+"""Refined KD: the one-step student regresses the teacher's multi-step solve of its own re-noised sample.
+
+``G = G(eps)`` is the student's sample; it is re-noised to the TrigFlow time ``t_r``,
+``x_{t_r} = cos t_r sg(G) + sin t_r sigma_d eps'`` (``eps' = eps`` by default), and the teacher solves the CFG ODE
+from there to 0 in K DDIM steps (SDEdit, Meng et al. 2021, arXiv 2108.01073). The student follows that refined
+sample: ``L = 0.5 mean (G - sg(x0_refined))^2`` -- the distillation loss of ADD (Sauer et al. 2023,
+arXiv 2311.17042), whose target is the teacher's denoising of a re-noised student sample, here with a
+K-step solve instead of one step.
+
+Why: KD regresses the teacher's noise -> sample map, which a one-step network learns pair by pair; where it cannot
+tell which of several futures the noise picks it outputs their average. The refined target is a sharp teacher
+sample near the student's own output, so the student keeps its own (learnable) choice and learns to commit to it
+(docs/toy.md measures it). Run it after KD: from the teacher's weights the student's first samples are
+the blurred one-step mean. Batches are the host's (conditions; their clean ``x0`` is not used).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from distill_mixins.config import DistillConfig, OptimizerConfig, check_choice, check_positive
+from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.sampling import initial_state, ode_step
+
+REFINE_NOISE = ("same", "fresh")
+
+
+def _optimizer() -> OptimizerConfig:
+    return OptimizerConfig(name="adamw", lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0)
+
+
+@dataclass
+class RefinedKDConfig(DistillConfig):
+    """Refined-KD settings (one-step students); the defaults are the toy demo's measured ones (docs/toy.md)."""
+
+    student_optimizer: OptimizerConfig = field(default_factory=_optimizer)
+    refine_time: float = math.pi / 4
+    """TrigFlow time ``t_r`` in (0, pi/2) the student's sample is re-noised to (pi/4: rectified-flow tau 0.5 at
+    sigma_d = 1, signal and noise of equal weight); lower keeps more of the student's sample."""
+    teacher_steps: int = 8
+    """DDIM steps of the teacher from ``t_r`` to 0, uniform in TrigFlow time (2 network evaluations each with CFG)."""
+    guidance_scale: float = 3.0
+    """Teacher CFG scale w (standard form ``x0_u + w (x0_c - x0_u)``); 1 runs the conditional branch only."""
+    refine_noise: str = "same"
+    """Re-noise with the student's own input noise (``same``) or with ``fresh`` noise."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.student_update_freq != 1:
+            raise ValueError(
+                f"RefinedKDConfig.student_update_freq={self.student_update_freq}: refined KD has no critic; use 1."
+            )
+        if not (isinstance(self.student_schedule, str) and self.student_schedule == "one_step") and not (
+            isinstance(self.student_schedule, tuple) and len(self.student_schedule) == 1
+        ):
+            raise ValueError(
+                f"RefinedKDConfig.student_schedule={self.student_schedule!r}: refined KD trains one-step students; "
+                "use 'one_step' (or one TrigFlow time), or DMD2 for few-step students."
+            )
+        if not 0.0 < self.refine_time < math.pi / 2:
+            raise ValueError(f"RefinedKDConfig.refine_time={self.refine_time} must be a TrigFlow time in (0, pi/2).")
+        if isinstance(self.teacher_steps, bool) or not isinstance(self.teacher_steps, int) or self.teacher_steps < 1:
+            raise ValueError(f"RefinedKDConfig.teacher_steps={self.teacher_steps!r} must be an int >= 1.")
+        check_positive("RefinedKDConfig", "guidance_scale", self.guidance_scale)
+        check_choice("RefinedKDConfig", "refine_noise", self.refine_noise, REFINE_NOISE)
+
+
+class RefinedKDMixin(DistillationCoreMixin):
+    """The student follows the teacher's K-step solve of its re-noised sample (see the module docstring).
+
+    Compose before the host: ``class MyRefined(RefinedKDMixin, MyVideo2WorldModel)``; construct with
+    ``MyRefined(<host args>, distill=RefinedKDConfig())`` and load the KD student
+    (``load_student_state_dict``). Generator phase only; no critic is built.
+    """
+
+    config_class = RefinedKDConfig
+    uses_critic = False
+
+    def refine_times(self) -> Tensor:
+        """The teacher's grid ``t_r > ... > 0`` (float64, (K + 1,))."""
+        config: RefinedKDConfig = self.distill_config  # type: ignore[assignment]
+        return torch.linspace(config.refine_time, 0.0, config.teacher_steps + 1, dtype=torch.float64)
+
+    @torch.no_grad()
+    def refine(self, data: DistillBatch, G: Tensor, noise: Tensor) -> Tensor:
+        """The teacher's CFG ODE solve (B, C, T, H, W) from ``cos t_r G + sin t_r sigma_d noise`` down to 0."""
+        config: RefinedKDConfig = self.distill_config  # type: ignore[assignment]
+        ts = self.refine_times()
+        t_r = float(ts[0])
+        x = math.cos(t_r) * G.detach() + math.sin(t_r) * self.sigma_data * noise
+        uncondition = data.uncondition if config.guidance_scale != 1.0 else None
+        denoise = self.guided_denoiser(self.net_teacher, data.condition, uncondition, config.guidance_scale)
+        for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+            x = ode_step(denoise, x, t, s, "ddim", sigma_data=self.sigma_data)
+        return x
+
+    def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
+        """``0.5 mean (G - sg(refine(G)))^2`` for the student's one-step sample G of fresh unit noise."""
+        config: RefinedKDConfig = self.distill_config  # type: ignore[assignment]
+        eps = torch.randn_like(data.x0)
+        t = self.student_times()[0]
+        x_t = initial_state(eps, t, self.sigma_data)
+        G = self.trigflow_denoise(self.net, x_t, t.expand(eps.shape[0]).to(eps.device), data.condition).x0
+        eps_r = eps if config.refine_noise == "same" else torch.randn_like(eps)
+        x0_refined = self.refine(data, G, eps_r)
+        loss = 0.5 * (G.float() - x0_refined.float()).pow(2).mean()
+        return {"loss_refined_kd": loss.detach()}, loss
+
+
+__all__ = ["RefinedKDConfig", "RefinedKDMixin"]
