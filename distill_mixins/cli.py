@@ -27,8 +27,8 @@ def _demo_analytic(args: argparse.Namespace) -> int:
 
 
 DEMO_FLAGS = (
-    "pairs", "eval_clips", "kd_iterations", "dmd2_iterations", "refine_iterations", "guidance", "seed",
-    "teacher_weights",
+    "pairs", "eval_clips", "kd_iterations", "dmd2_iterations", "dmd2_refine_weight", "refine_iterations", "guidance",
+    "seed", "teacher_weights",
 )
 
 
@@ -52,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = demo_config(args)
     logger.info(
-        "toy Video2World demo: 36-step CFG teacher -> KD -> DMD2 -> refined KD -> 1-step student, in {}", config.out
+        "toy Video2World demo: 36-step CFG teacher -> KD -> refined KD -> DMD2 -> 1-step student, in {}", config.out
     )
     result = run_demo(config)
     print(format_table(result))
@@ -69,14 +69,18 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument("--pairs", type=int, default=None, help="KD teacher pairs (default 512)")
     demo.add_argument("--eval-clips", dest="eval_clips", type=int, default=None, help="held-out clips (default 1024)")
     demo.add_argument(
-        "--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations (default 450)"
+        "--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations (default 250)"
     )
     demo.add_argument(
-        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 200)"
+        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 100)"
+    )
+    demo.add_argument(
+        "--dmd2-refine-weight", dest="dmd2_refine_weight", type=float, default=None,
+        help="weight of DMD2's refine term, 0 runs plain DMD2 (default 20)",
     )
     demo.add_argument(
         "--refine-iterations", dest="refine_iterations", type=int, default=None,
-        help="refined-KD iterations after DMD2, 0 skips them (default 0)",
+        help="refined-KD iterations between KD and DMD2, 0 skips them (default 160)",
     )
     demo.add_argument("--guidance", type=float, default=None, help="teacher CFG scale w, standard form (default 3)")
     demo.add_argument("--seed", type=int, default=None)

@@ -171,6 +171,9 @@ def test_presets_reproduce_the_published_recipes():
         ({"gan_loss_weight": 1e-3}, "needs DMD2Config.discriminator"),
         ({"guidance_scale": 0.0}, "DMD2Config.guidance_scale"),
         ({"gan_loss_weight": -1.0}, "DMD2Config.gan_loss_weight"),
+        ({"refine_weight": -1.0}, "DMD2Config.refine_weight"),
+        ({"refine_time": 0.0}, "DMD2Config.refine_time"),
+        ({"refine_teacher_steps": 0}, "DMD2Config.refine_teacher_steps"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
@@ -232,3 +235,26 @@ def test_bad_taps_fail_at_construction():
     disc = DiscriminatorConfig(kind="conv3d", feature_dim=8, taps=(5,))
     with pytest.raises(IndexError, match="3 blocks"):
         ConvDMD2(TinyConvNet(), "rf_velocity", distill=DMD2Config(gan_loss_weight=1e-3, discriminator=disc))
+
+
+def test_refine_term_adds_the_weighted_half_mse_to_the_teachers_solve(batch):
+    from distill_mixins.methods.refined_kd import refine_times, refine_with_teacher
+
+    plain, refined = make_dmd2(), make_dmd2(refine_weight=5.0, refine_time=0.6, refine_teacher_steps=3)
+    refined.load_student_state_dict(plain.net.state_dict())
+    refined.net_fake_score.load_state_dict(plain.net_fake_score.state_dict())
+    torch.manual_seed(1)
+    out_plain, loss_plain = plain.training_step(batch, 0)
+    torch.manual_seed(1)
+    out, loss = refined.training_step(batch, 0)
+    assert "loss_refine" not in out_plain and torch.equal(out["loss_dmd"], out_plain["loss_dmd"])
+    torch.manual_seed(1)  # the student phase draws its noise first: redraw it and recompute the term
+    data = refined.prepare_data(batch)
+    noise = torch.randn_like(data.x0)
+    G = refined.student_sample(data, noise, grad=False)
+    target = refine_with_teacher(refined, data, G, noise, refine_times(0.6, 3), refined.distill_config.guidance_scale)
+    expected = 0.5 * (G - target).pow(2).mean()
+    assert torch.allclose(out["loss_refine"], expected, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(loss, loss_plain + 5.0 * expected, rtol=1e-5, atol=1e-8)
+    loss.backward()
+    assert all(p.grad is not None for p in refined.net.parameters())

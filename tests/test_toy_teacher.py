@@ -59,20 +59,24 @@ def test_demo_help_states_the_config_defaults(capsys):
     defaults = DemoConfig()
     for flag, value in (("pairs", defaults.pairs), ("held-out clips", defaults.eval_clips),
                         ("KD iterations", defaults.kd_iterations), ("DMD2 iterations", defaults.dmd2_iterations),
-                        ("refined-KD iterations after DMD2, 0 skips them", defaults.refine_iterations)):
+                        ("refined-KD iterations between KD and DMD2, 0 skips them", defaults.refine_iterations),
+                        ("0 runs plain DMD2", f"{defaults.dmd2_refine_weight:g}")):
         assert f"{flag} (default {value})" in text, flag
     assert f"(default {defaults.guidance:g})" in text
 
 
 def test_demo_refined_kd_settings_reach_the_method():
     from distill_mixins.cli import build_parser, demo_config
-    from distill_mixins.toy.demo import refined_kd_config
+    from distill_mixins.toy.demo import dmd2_config, refined_kd_config
 
-    assert DemoConfig().refine_iterations == 0  # opt-in: it costs FD on the toy (docs/methods/refined_kd.md)
-    assert demo_config(build_parser().parse_args(["demo", "--refine-iterations", "160"])).refine_iterations == 160
+    assert DemoConfig().refine_iterations == 160 and DemoConfig().dmd2_refine_weight == 20.0
+    assert demo_config(build_parser().parse_args(["demo", "--refine-iterations", "0"])).refine_iterations == 0
     config = refined_kd_config(DemoConfig(refine_tau=0.35, refine_teacher_steps=4, guidance=3.0))
     assert config.refine_time == pytest.approx(math.atan2(0.35, 0.65), abs=1e-12)  # rectified flow, sigma_d = 1
     assert config.teacher_steps == 4 and config.guidance_scale == 3.0
+    dmd2 = dmd2_config(DemoConfig(dmd2_refine_weight=20.0))
+    assert dmd2.refine_weight == 20.0 and dmd2.refine_time == config.refine_time and dmd2.refine_teacher_steps == 4
+    assert demo_config(build_parser().parse_args(["demo", "--dmd2-refine-weight", "0"])).dmd2_refine_weight == 0.0
     with pytest.raises(ValueError, match="DemoConfig.refine_tau=1.0"):
         DemoConfig(refine_tau=1.0)
     with pytest.raises(ValueError, match="DemoConfig.refine_teacher_steps=0"):

@@ -12,6 +12,7 @@ needs their graph; the student sample runs under ``no_grad`` in the critic phase
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from distill_mixins.discriminator import (
     gan_generator_loss,
     r1_penalty,
 )
+from distill_mixins.methods.refined_kd import refine_times, refine_with_teacher
 from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state, renoise_state
 from distill_mixins.trigflow import add_noise
 
@@ -68,6 +70,13 @@ class DMD2Config(DistillConfig):
     discriminator: DiscriminatorConfig | None = None
     """GAN heads and feature taps; required when ``gan_loss_weight > 0``."""
     discriminator_optimizer: OptimizerConfig = field(default_factory=lambda: _optimizer(2e-7))
+    refine_weight: float = 0.0
+    """Weight of the refine term ``0.5 mean (G - sg(refined G))^2`` (:mod:`distill_mixins.methods.refined_kd`: the
+    teacher's ``refine_teacher_steps``-step CFG solve of G re-noised to ``refine_time`` with the student's noise);
+    0 turns it off. On the toy it keeps the student committed to one mode while DMD keeps the spread."""
+    refine_time: float = math.pi / 4
+    """TrigFlow time in (0, pi/2) of the refine term's re-noising."""
+    refine_teacher_steps: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +84,13 @@ class DMD2Config(DistillConfig):
         check_positive("DMD2Config", "guidance_scale", self.guidance_scale)
         check_positive("DMD2Config", "dmd_weight_min", self.dmd_weight_min)
         check_positive("DMD2Config", "gan_loss_weight", self.gan_loss_weight, allow_zero=True)
+        check_positive("DMD2Config", "refine_weight", self.refine_weight, allow_zero=True)
+        if not 0.0 < self.refine_time < math.pi / 2:
+            raise ValueError(f"DMD2Config.refine_time={self.refine_time} must be a TrigFlow time in (0, pi/2).")
+        if isinstance(self.refine_teacher_steps, bool) or not isinstance(self.refine_teacher_steps, int) or (
+            self.refine_teacher_steps < 1
+        ):
+            raise ValueError(f"DMD2Config.refine_teacher_steps={self.refine_teacher_steps!r} must be an int >= 1.")
         if not isinstance(self.critic_time, TimeSamplerConfig):
             raise TypeError(f"DMD2Config.critic_time must be a TimeSamplerConfig, got {self.critic_time!r}.")
         if self.gan_loss_weight > 0 and self.discriminator is None:
@@ -249,6 +265,12 @@ class DMD2Mixin(DistillationCoreMixin):
             loss_gan = gan_generator_loss(logits)
             output["loss_gan_generator"] = loss_gan.detach()
             loss = loss + config.gan_loss_weight * loss_gan
+        if config.refine_weight > 0:
+            ts = refine_times(config.refine_time, config.refine_teacher_steps)
+            x0_refined = refine_with_teacher(self, data, G, noise, ts, config.guidance_scale)
+            loss_refine = 0.5 * (G.float() - x0_refined.float()).pow(2).mean()
+            output["loss_refine"] = loss_refine.detach()
+            loss = loss + config.refine_weight * loss_refine
         return output, loss
 
     def training_step_critic(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:

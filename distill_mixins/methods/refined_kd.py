@@ -31,6 +31,26 @@ from distill_mixins.sampling import initial_state, ode_step
 REFINE_NOISE = ("same", "fresh")
 
 
+def refine_times(refine_time: float, steps: int) -> Tensor:
+    """The teacher's grid ``t_r > ... > 0``, uniform in TrigFlow time (float64, (steps + 1,))."""
+    return torch.linspace(refine_time, 0.0, steps + 1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def refine_with_teacher(
+    model: DistillationCoreMixin, data: DistillBatch, G: Tensor, noise: Tensor, ts: Tensor, guidance: float
+) -> Tensor:
+    """The teacher's CFG DDIM solve (B, C, T, H, W) over ``ts`` from ``cos ts[0] sg(G) + sin ts[0] sigma_d noise``
+    (SDEdit); shared by refined KD and DMD2's optional refine term."""
+    t_r = float(ts[0])
+    x = math.cos(t_r) * G.detach() + math.sin(t_r) * model.sigma_data * noise
+    uncondition = data.uncondition if guidance != 1.0 else None
+    denoise = model.guided_denoiser(model.net_teacher, data.condition, uncondition, guidance)
+    for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+        x = ode_step(denoise, x, t, s, "ddim", sigma_data=model.sigma_data)
+    return x
+
+
 def _optimizer() -> OptimizerConfig:
     return OptimizerConfig(name="adamw", lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0)
 
@@ -86,20 +106,12 @@ class RefinedKDMixin(DistillationCoreMixin):
     def refine_times(self) -> Tensor:
         """The teacher's grid ``t_r > ... > 0`` (float64, (K + 1,))."""
         config: RefinedKDConfig = self.distill_config  # type: ignore[assignment]
-        return torch.linspace(config.refine_time, 0.0, config.teacher_steps + 1, dtype=torch.float64)
+        return refine_times(config.refine_time, config.teacher_steps)
 
-    @torch.no_grad()
     def refine(self, data: DistillBatch, G: Tensor, noise: Tensor) -> Tensor:
         """The teacher's CFG ODE solve (B, C, T, H, W) from ``cos t_r G + sin t_r sigma_d noise`` down to 0."""
         config: RefinedKDConfig = self.distill_config  # type: ignore[assignment]
-        ts = self.refine_times()
-        t_r = float(ts[0])
-        x = math.cos(t_r) * G.detach() + math.sin(t_r) * self.sigma_data * noise
-        uncondition = data.uncondition if config.guidance_scale != 1.0 else None
-        denoise = self.guided_denoiser(self.net_teacher, data.condition, uncondition, config.guidance_scale)
-        for t, s in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
-            x = ode_step(denoise, x, t, s, "ddim", sigma_data=self.sigma_data)
-        return x
+        return refine_with_teacher(self, data, G, noise, self.refine_times(), config.guidance_scale)
 
     def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """``0.5 mean (G - sg(refine(G)))^2`` for the student's one-step sample G of fresh unit noise."""
@@ -114,4 +126,4 @@ class RefinedKDMixin(DistillationCoreMixin):
         return {"loss_refined_kd": loss.detach()}, loss
 
 
-__all__ = ["RefinedKDConfig", "RefinedKDMixin"]
+__all__ = ["RefinedKDConfig", "RefinedKDMixin", "refine_times", "refine_with_teacher"]

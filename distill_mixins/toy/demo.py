@@ -7,9 +7,11 @@ Stages (each resumable: a re-run in the same directory skips what is done):
 2. **KD**: :class:`~distill_mixins.methods.kd.KDMixin` through the :class:`DistillationTrainer` on those shards
    (with ``kd_symmetries``, each pair moved by a random symmetry of the square world:
    :mod:`distill_mixins.toy.symmetry`).
-3. **DMD2**: :class:`~distill_mixins.methods.dmd2.DMD2Mixin` from the KD stage's student, raw weights (critic = a copy
-   of the teacher), on fresh procedural conditions.
-4. **Evaluation** on held-out clips (:mod:`distill_mixins.eval.video`): Frechet distance against a second
+3. **Refined KD** (when ``refine_iterations > 0``): :class:`~distill_mixins.methods.refined_kd.RefinedKDMixin` from
+   the KD student, on fresh procedural conditions: the student learns to commit to one future.
+4. **DMD2**: :class:`~distill_mixins.methods.dmd2.DMD2Mixin` from the previous stage's student, raw weights (critic = a
+   copy of the teacher), on fresh procedural conditions, with the refine term when ``dmd2_refine_weight > 0``.
+5. **Evaluation** on held-out clips (:mod:`distill_mixins.eval.video`): Frechet distance against a second
    held-out real set (and the floor between two real sets), prompt adherence, temporal consistency,
    diversity, latency and NFE per clip, for the teacher at 36 steps with CFG, the teacher at 1 step and the
    student at 1 step; then ``report.md``, ``metrics.json``, ``samples.png`` and GIFs in the run directory.
@@ -73,11 +75,13 @@ class DemoConfig:
     teacher_steps: int = 36
     guidance: float = 3.0
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
-    kd_iterations: int = 450
-    dmd2_iterations: int = 200
-    refine_iterations: int = 0
-    """Refined-KD iterations after DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 (the default) skips the stage:
-    it lifts prompt adherence past the teacher's but costs FD here (docs/toy.md)."""
+    kd_iterations: int = 250
+    dmd2_iterations: int = 100
+    dmd2_refine_weight: float = 20.0
+    """Weight of DMD2's refine term (:class:`~distill_mixins.methods.DMD2Config` ``refine_weight``, re-noised to
+    ``refine_tau``, ``refine_teacher_steps`` teacher steps); 0 runs plain DMD2."""
+    refine_iterations: int = 160
+    """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage."""
     refine_tau: float = 0.35
     """Rectified-flow time the student's sample is re-noised to (0.35: 65% signal)."""
     refine_teacher_steps: int = 4
@@ -187,11 +191,13 @@ def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> KDStage:
 
 
 def dmd2_config(config: DemoConfig) -> DMD2Config:
-    """One-step DMD2 with the demo's CFG scale, a shifted critic time (Cosmos shift 5) and no GAN."""
+    """One-step DMD2 with the demo's CFG scale, a shifted critic time (Cosmos shift 5), no GAN, and the refine term."""
     return DMD2Config(
         student_update_freq=config.dmd2_student_update_freq, guidance_scale=config.guidance,
         student_optimizer=_optimizer(config.dmd2_student_lr), critic_optimizer=_optimizer(config.dmd2_critic_lr),
         critic_time=TimeSamplerConfig(kind="shifted_uniform", shift=5.0), ema=EMAConfig(halflife_steps=20.0),
+        refine_weight=config.dmd2_refine_weight, refine_time=refine_time(config),
+        refine_teacher_steps=config.refine_teacher_steps,
     )
 
 
@@ -206,7 +212,7 @@ def conditions(seed: int, batch: int) -> FunctionData:
 
 
 def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyDMD2, float]:
-    """Stage 3: DMD2 starting from the KD stage's student (its raw weights: measured better than its EMA here)."""
+    """Stage 4: DMD2 from the previous stage's student (its raw weights: measured better than its EMA here)."""
     model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
     model.load_student_state_dict(student.state_dict())
     tic = time.perf_counter()
@@ -217,19 +223,23 @@ def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) ->
     return model, time.perf_counter() - tic
 
 
+def refine_time(config: DemoConfig) -> float:
+    """TrigFlow time of the demo's ``refine_tau`` (rectified flow, the toy's sigma_d)."""
+    tau = torch.tensor(config.refine_tau, dtype=torch.float64)
+    return float(native_to_trigflow_time(tau, "rectified_flow", ToyVideo2World.sigma_data))
+
+
 def refined_kd_config(config: DemoConfig) -> RefinedKDConfig:
     """Refined KD with the demo's CFG scale: re-noise to ``refine_tau``, ``refine_teacher_steps`` DDIM steps."""
-    tau = torch.tensor(config.refine_tau, dtype=torch.float64)
-    refine_time = native_to_trigflow_time(tau, "rectified_flow", ToyVideo2World.sigma_data)
     return RefinedKDConfig(
         student_optimizer=_optimizer(config.refine_lr), teacher_steps=config.refine_teacher_steps,
-        refine_time=float(refine_time),
+        refine_time=refine_time(config),
         guidance_scale=config.guidance, ema=EMAConfig(halflife_steps=20.0),
     )
 
 
 def run_refine(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyRefinedKD, float]:
-    """Stage 4: refined KD from the previous stage's student (:mod:`distill_mixins.methods.refined_kd`)."""
+    """Stage 3: refined KD from the KD student (:mod:`distill_mixins.methods.refined_kd`)."""
     model = ToyRefinedKD(teacher.net, teacher.text_encoder, distill=refined_kd_config(config))
     model.load_student_state_dict(student.state_dict())
     tic = time.perf_counter()
@@ -384,10 +394,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     kd = run_kd(config, teacher)
     final: Student = kd.model
     stage = {"kd_data_s": kd.data_s, "kd_s": kd.kd_s}
-    if config.dmd2_iterations > 0:
-        final, stage["dmd2_s"] = run_dmd2(config, teacher, final.net)
     if config.refine_iterations > 0:
         final, stage["refine_s"] = run_refine(config, teacher, final.net)
+    if config.dmd2_iterations > 0:
+        final, stage["dmd2_s"] = run_dmd2(config, teacher, final.net)
     final.eval()
     tic = time.perf_counter()
     with frozen_bf16(config, final.net_teacher, final.net):

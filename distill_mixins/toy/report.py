@@ -81,13 +81,15 @@ def write_report(out: Path, result: DemoResult, clips: dict[str, Tensor], prompt
         f"{cfg['refine_teacher_steps']}-step solve of its own sample re-noised to tau {cfg['refine_tau']})"
         if cfg.get("refine_iterations", 0) > 0 else ""
     )
+    weight = cfg.get("dmd2_refine_weight", 0)
+    dmd2_refine = f", plus the refine term, weight {weight:g}" if weight else ""
     text = f"""# distill-mixins demo: a 36-step CFG toy teacher distilled into a 1-step student
 
 Teacher: the shipped toy Video2World model (rectified flow, first frame + prompt), sampled with
 {cfg['teacher_steps']} DDIM steps (the flow-matching Euler of a rectified-flow model) and classifier-free guidance
 w = {cfg['guidance']} (2 network evaluations a step).
-Student: a copy of the teacher trained by KD on {cfg['pairs']} teacher pairs ({cfg['kd_iterations']} iterations),
-then DMD2 ({cfg['dmd2_iterations']} iterations){refined}.
+Student: a copy of the teacher trained by KD on {cfg['pairs']} teacher pairs
+({cfg['kd_iterations']} iterations){refined}, then DMD2 ({cfg['dmd2_iterations']} iterations{dmd2_refine}).
 Evaluated on {cfg['eval_clips']} held-out conditions against
 {cfg['eval_clips']} held-out real clips.
 
