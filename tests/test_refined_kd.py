@@ -221,6 +221,16 @@ def mode_figures(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Tensor
     return float((dist < 3.0).double().mean()), [float(favoured[labels == y].mean()) for y in (0, 1)]
 
 
+def fit(model, batch, iterations: int, lr: float) -> None:
+    """Plain loop: ``batch()`` each step, learning rate decayed linearly to 5%."""
+    (optimizer,) = model.get_optimizers(0)
+    for it in range(iterations):
+        optimizer.param_groups[0]["lr"] = lr * (1.0 - 0.95 * it / iterations)
+        _, loss = model.training_step(batch(), it)
+        loss.backward()
+        model.optimizer_step(it)
+
+
 def test_refined_kd_makes_a_blurred_kd_student_commit_to_modes():
     """A one-step KD student fit to 64 teacher pairs falls between modes on held-out noise (~1/3 of its samples
     within 3 stds of a mode, against the teacher's 0.96); 800 refined-KD steps bring that above 0.9 and the
@@ -243,27 +253,15 @@ def test_refined_kd_makes_a_blurred_kd_student_commit_to_modes():
     labels = held_out["label"]
     teacher_within, teacher_share = mode_figures(mixture, held_out["teacher_x0"], labels)
 
-    iterations, lr = 600, 1e-3
-    (optimizer,) = kd.get_optimizers(0)
-    for it in range(iterations):
-        optimizer.param_groups[0]["lr"] = lr * (1.0 - 0.95 * it / iterations)
-        _, loss = kd.training_step(pool, it)
-        loss.backward()
-        kd.optimizer_step(it)
+    fit(kd, lambda: pool, 600, 1e-3)
     kd_within, kd_share = mode_figures(mixture, kd.generate(labels, held_out["noise"]), labels)
 
     model = make_refined(mixture, student_net=MLPDenoiser(SHAPE, "rf_velocity", 2, hidden=128, depth=3),
                          student_optimizer=OptimizerConfig(name="adam", lr=3e-3, weight_decay=0.0))
     model.load_student_state_dict(kd.net.state_dict())
     assert torch.equal(model.generate(labels, held_out["noise"]), kd.generate(labels, held_out["noise"]))
-    iterations, lr = 800, 3e-3
     g = torch.Generator().manual_seed(200)
-    (optimizer,) = model.get_optimizers(0)
-    for it in range(iterations):
-        optimizer.param_groups[0]["lr"] = lr * (1.0 - 0.95 * it / iterations)
-        _, loss = model.training_step(mixture_batch(mixture, 256, g), it)
-        loss.backward()
-        model.optimizer_step(it)
+    fit(model, lambda: mixture_batch(mixture, 256, g), 800, 3e-3)
     within, share = mode_figures(mixture, model.generate(labels, held_out["noise"]), labels)
     seconds = time.perf_counter() - start
 

@@ -83,6 +83,8 @@ def test_demo_refined_kd_settings_reach_the_method():
         DemoConfig(refine_teacher_steps=0)
     with pytest.raises(ValueError, match="DemoConfig.refine_iterations=-1"):
         DemoConfig(refine_iterations=-1)
+    with pytest.raises(ValueError, match="DemoConfig.dmd2_refine_weight=-1.0"):
+        DemoConfig(dmd2_refine_weight=-1.0)
 
 
 def test_gap_closed_known_answers():

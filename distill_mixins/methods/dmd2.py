@@ -31,7 +31,7 @@ from distill_mixins.discriminator import (
     gan_generator_loss,
     r1_penalty,
 )
-from distill_mixins.methods.refined_kd import refine_times, refine_with_teacher
+from distill_mixins.methods.refined_kd import check_refine, refine_times, refine_with_teacher
 from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state, renoise_state
 from distill_mixins.trigflow import add_noise
 
@@ -85,12 +85,7 @@ class DMD2Config(DistillConfig):
         check_positive("DMD2Config", "dmd_weight_min", self.dmd_weight_min)
         check_positive("DMD2Config", "gan_loss_weight", self.gan_loss_weight, allow_zero=True)
         check_positive("DMD2Config", "refine_weight", self.refine_weight, allow_zero=True)
-        if not 0.0 < self.refine_time < math.pi / 2:
-            raise ValueError(f"DMD2Config.refine_time={self.refine_time} must be a TrigFlow time in (0, pi/2).")
-        if isinstance(self.refine_teacher_steps, bool) or not isinstance(self.refine_teacher_steps, int) or (
-            self.refine_teacher_steps < 1
-        ):
-            raise ValueError(f"DMD2Config.refine_teacher_steps={self.refine_teacher_steps!r} must be an int >= 1.")
+        check_refine("DMD2Config", "refine_time", self.refine_time, "refine_teacher_steps", self.refine_teacher_steps)
         if not isinstance(self.critic_time, TimeSamplerConfig):
             raise TypeError(f"DMD2Config.critic_time must be a TimeSamplerConfig, got {self.critic_time!r}.")
         if self.gan_loss_weight > 0 and self.discriminator is None:

@@ -31,6 +31,15 @@ from distill_mixins.sampling import initial_state, ode_step
 REFINE_NOISE = ("same", "fresh")
 
 
+def check_refine(owner: str, time_name: str, refine_time: float, steps_name: str, steps: int) -> None:
+    """Raise a ValueError naming ``owner.<field>`` unless the re-noise time is in (0, pi/2) and the steps are an
+    int >= 1 (refined KD and DMD2's refine term)."""
+    if not 0.0 < refine_time < math.pi / 2:
+        raise ValueError(f"{owner}.{time_name}={refine_time} must be a TrigFlow time in (0, pi/2).")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{owner}.{steps_name}={steps!r} must be an int >= 1.")
+
+
 def refine_times(refine_time: float, steps: int) -> Tensor:
     """The teacher's grid ``t_r > ... > 0``, uniform in TrigFlow time (float64, (steps + 1,))."""
     return torch.linspace(refine_time, 0.0, steps + 1, dtype=torch.float64)
@@ -84,10 +93,7 @@ class RefinedKDConfig(DistillConfig):
                 f"RefinedKDConfig.student_schedule={self.student_schedule!r}: refined KD trains one-step students; "
                 "use 'one_step' (or one TrigFlow time), or DMD2 for few-step students."
             )
-        if not 0.0 < self.refine_time < math.pi / 2:
-            raise ValueError(f"RefinedKDConfig.refine_time={self.refine_time} must be a TrigFlow time in (0, pi/2).")
-        if isinstance(self.teacher_steps, bool) or not isinstance(self.teacher_steps, int) or self.teacher_steps < 1:
-            raise ValueError(f"RefinedKDConfig.teacher_steps={self.teacher_steps!r} must be an int >= 1.")
+        check_refine("RefinedKDConfig", "refine_time", self.refine_time, "teacher_steps", self.teacher_steps)
         check_positive("RefinedKDConfig", "guidance_scale", self.guidance_scale)
         check_choice("RefinedKDConfig", "refine_noise", self.refine_noise, REFINE_NOISE)
 
@@ -126,4 +132,4 @@ class RefinedKDMixin(DistillationCoreMixin):
         return {"loss_refined_kd": loss.detach()}, loss
 
 
-__all__ = ["RefinedKDConfig", "RefinedKDMixin", "refine_times", "refine_with_teacher"]
+__all__ = ["RefinedKDConfig", "RefinedKDMixin", "check_refine", "refine_times", "refine_with_teacher"]

@@ -111,6 +111,8 @@ class DemoConfig:
         for name in ("kd_iterations", "dmd2_iterations", "refine_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)} must be >= 0.")
+        if not self.dmd2_refine_weight >= 0:
+            raise ValueError(f"DemoConfig.dmd2_refine_weight={self.dmd2_refine_weight} must be >= 0 (0: plain DMD2).")
         if not 0.0 < self.refine_tau < 1.0:
             raise ValueError(f"DemoConfig.refine_tau={self.refine_tau} must be a rectified-flow time in (0, 1).")
         if self.diversity_clips > self.eval_clips:
@@ -211,16 +213,24 @@ def conditions(seed: int, batch: int) -> FunctionData:
     return FunctionData(make)
 
 
-def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyDMD2, float]:
-    """Stage 4: DMD2 from the previous stage's student (its raw weights: measured better than its EMA here)."""
-    model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
+def train_on_conditions(
+    config: DemoConfig, model: ToyDMD2 | ToyRefinedKD, student: nn.Module, seed: int, stage: str, iterations: int
+) -> float:
+    """Load ``student`` into ``model`` (its raw weights: measured better than its EMA here) and train it on fresh
+    procedural conditions drawn from ``seed`` under ``runs/<out>/<stage>``; returns the seconds it took."""
     model.load_student_state_dict(student.state_dict())
     tic = time.perf_counter()
-    with frozen_bf16(config, model.net_teacher):  # the teacher only runs without gradients here (no GAN)
+    with frozen_bf16(config, model.net_teacher):  # the teacher only runs without gradients in these stages (no GAN)
         DistillationTrainer(
-            model, conditions(DMD2_SEED, config.batch_size), _trainer_config(config, "dmd2", config.dmd2_iterations)
+            model, conditions(seed, config.batch_size), _trainer_config(config, stage, iterations)
         ).fit()
-    return model, time.perf_counter() - tic
+    return time.perf_counter() - tic
+
+
+def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyDMD2, float]:
+    """Stage 4: DMD2 from the previous stage's student."""
+    model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
+    return model, train_on_conditions(config, model, student, DMD2_SEED, "dmd2", config.dmd2_iterations)
 
 
 def refine_time(config: DemoConfig) -> float:
@@ -241,14 +251,7 @@ def refined_kd_config(config: DemoConfig) -> RefinedKDConfig:
 def run_refine(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyRefinedKD, float]:
     """Stage 3: refined KD from the KD student (:mod:`distill_mixins.methods.refined_kd`)."""
     model = ToyRefinedKD(teacher.net, teacher.text_encoder, distill=refined_kd_config(config))
-    model.load_student_state_dict(student.state_dict())
-    tic = time.perf_counter()
-    with frozen_bf16(config, model.net_teacher):
-        DistillationTrainer(
-            model, conditions(REFINE_SEED, config.batch_size),
-            _trainer_config(config, "refined_kd", config.refine_iterations),
-        ).fit()
-    return model, time.perf_counter() - tic
+    return model, train_on_conditions(config, model, student, REFINE_SEED, "refined_kd", config.refine_iterations)
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -79,10 +79,9 @@ def write_report(out: Path, result: DemoResult, clips: dict[str, Tensor], prompt
     refined = (
         f", then refined KD ({cfg['refine_iterations']} iterations: the student regresses the teacher's "
         f"{cfg['refine_teacher_steps']}-step solve of its own sample re-noised to tau {cfg['refine_tau']})"
-        if cfg.get("refine_iterations", 0) > 0 else ""
+        if cfg["refine_iterations"] > 0 else ""
     )
-    weight = cfg.get("dmd2_refine_weight", 0)
-    dmd2_refine = f", plus the refine term, weight {weight:g}" if weight else ""
+    dmd2_refine = f", plus the refine term, weight {cfg['dmd2_refine_weight']:g}" if cfg["dmd2_refine_weight"] else ""
     text = f"""# distill-mixins demo: a 36-step CFG toy teacher distilled into a 1-step student
 
 Teacher: the shipped toy Video2World model (rectified flow, first frame + prompt), sampled with
