@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test lint check-install clean
+.PHONY: demo demo-quick test test-acceptance lint check-install clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,12 @@ demo: $(STAMP)  ## the main job: distill a 36-step CFG teacher into a 1-step stu
 demo-quick: $(STAMP)  ## a short demo run (CI smoke test)
 	$(VENV)/bin/distill-mixins demo --quick --out runs/demo-quick
 
-test: $(STAMP)  ## lint, then the whole test suite (CPU, a few minutes)
+test: $(STAMP)  ## lint, then the whole test suite (CPU, float32 or bf16 by the precision policy; under 10 minutes)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15 -m "not acceptance"
+
+test-acceptance: $(STAMP)  ## the known-answer trainings (KD and DMD2 on the exact mixture teacher; minutes)
+	$(PY) -m pytest -q --durations=15 -m acceptance
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

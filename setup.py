@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=core + ["distill_mixins.trainer", "distill_mixins.checkpointer"],
-    package_data={"distill_mixins.toy": ["weights/*.safetensors"]},
+    package_data={"distill_mixins.toy": ["weights/*.safetensors", "weights/*.safetensors.xz"]},
     package_dir={
         "distill_mixins.trainer": "trainer",
         "distill_mixins.checkpointer": "checkpointer",

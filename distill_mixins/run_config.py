@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from distill_mixins.config import check_choice, config_to_dict
+from distill_mixins.errors import ConfigError, MissingFileError, config_errors
 
 METHODS: dict[str, str] = {
     "kd": "distill_mixins.methods.kd:KDMixin",
@@ -44,18 +45,18 @@ _STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 def resolve_object(spec: str, what: str = "object") -> Any:
-    """The attribute named by ``"package.module:attribute"``."""
-    module_name, sep, attr = spec.partition(":")
+    """The attribute named by ``"package.module:attribute"``; a :class:`ConfigError` (a ValueError) names ``what``."""
+    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not sep or not module_name or not attr:
-        raise ValueError(f"{what} {spec!r} must look like 'package.module:attribute'.")
+        raise ConfigError(f"{what} {spec!r} must look like 'package.module:attribute'.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"{what} {spec!r}: cannot import module '{module_name}' ({error}).") from error
+        raise ConfigError(f"{what} {spec!r}: cannot import module '{module_name}' ({error}).") from error
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: module '{module_name}' has no attribute '{attr}'.")
+            raise ConfigError(f"{what} {spec!r}: module '{module_name}' has no attribute '{attr}'.")
         obj = getattr(obj, part)
     return obj
 
@@ -104,21 +105,82 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+_OWNERS = {"RunConfig": "the run config", "StageConfig": "the stage"}
+_EXAMPLES = {
+    "run_dir": '"runs/<name>"', "stages": '[{"name": ..., "method": ..., "model": ..., "data": ...}]',
+    "name": '"<stage name>"', "model": '"package.module:factory"', "data": '"package.module:factory"',
+}
+
+
+def _example(name: str) -> str:
+    if name == "method":
+        return " or ".join(f'"{method}"' for method in METHODS)
+    return _EXAMPLES.get(name, "<value>")
+
+
+def _check_required(cls: type, data: dict[str, Any], where: str) -> None:
+    """Raise a ConfigError naming the required fields of ``cls`` that ``data`` lacks, and what to add."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        add = ", ".join(f'"{name}": {_example(name)}' for name in missing)
+        owner = _OWNERS.get(cls.__name__, f"the {cls.__name__}")
+        raise ConfigError(f"{_prefix(where)}{', '.join(missing)} {verb} missing; add {add} to {owner}.")
+
+
+def _check_type(hint: Any, value: Any, where: str) -> None:
+    """Raise a ConfigError naming ``where`` when a field typed as a number (or a string) gets something else."""
+    kinds = {arg for arg in _union_args(hint) if arg is not type(None)}
+    if value is None and len(kinds) < len(_union_args(hint)):
+        return
+    if kinds and kinds <= {int, float} and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{where}={value!r} must be a number.")
+    if kinds == {str} and not isinstance(value, str):
+        raise ConfigError(f"{where}={value!r} must be a string.")
+
+
 def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
     """``cls(**data)`` with nested config dataclasses built from dicts, lists made tuples where the field is a
-    tuple, and ``"module:factory"`` strings resolved for network fields. Unknown keys raise, naming ``where``."""
+    tuple, and ``"module:factory"`` strings resolved for network fields.
+
+    Unknown or missing keys, and a value that ``cls`` rejects, raise a :class:`ConfigError` (a ValueError)
+    prefixed with ``where`` (e.g. ``stages.0.method_config``)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {type(data).__name__}.")
+        raise ConfigError(
+            f"{_prefix(where)}must be a JSON object of {cls.__name__} fields, got {type(data).__name__}."
+        )
     data = dict(data)
     kind = data.pop("type", cls.__name__)
     if kind != cls.__name__:
-        raise ValueError(f"{where} is a {kind}, but this stage needs a {cls.__name__}.")
+        raise ConfigError(f"{_prefix(where)}is a {kind}, but this stage needs a {cls.__name__}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"{where}: {cls.__name__} has no field {', '.join(unknown)}; its fields: {', '.join(names)}.")
-    return cls(**{key: _convert(hints[key], value, f"{where}.{key}") for key, value in data.items()})
+        raise ConfigError(
+            f"{_prefix(where)}{cls.__name__} has no field {', '.join(unknown)}; its fields: {', '.join(names)}."
+        )
+    _check_required(cls, data, where)
+    for key, value in data.items():
+        _check_type(hints[key], value, _join(where, key))
+    values = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
+    with config_errors(where):
+        return cls(**values)
+
+
+def stage_where(index: int, stage: Any) -> str:
+    """``stages.1 ("dmd2")``: the stage's place in the run config, with its name when it has one."""
+    name = stage.get("name") if isinstance(stage, dict) else getattr(stage, "name", None)
+    return f'stages.{index} ("{name}")' if isinstance(name, str) and name else f"stages.{index}"
 
 
 # ------------------------------------------------------------------------------ configs
@@ -179,7 +241,9 @@ class RunConfig:
             raise ValueError(f"run config seed={self.seed!r} must be an int >= 0.")
         if not self.stages:
             raise ValueError("run config stages is empty: give at least one stage.")
-        self.stages = [s if isinstance(s, StageConfig) else build_dataclass(StageConfig, s, f"stages.{i}")
+        if not isinstance(self.stages, list):
+            raise ValueError(f"run config stages must be a JSON list of stages, got {type(self.stages).__name__}.")
+        self.stages = [s if isinstance(s, StageConfig) else build_dataclass(StageConfig, s, stage_where(i, s))
                        for i, s in enumerate(self.stages)]
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
@@ -197,10 +261,10 @@ def _child(node: Any, key: str, path: str) -> Any:
         for i, item in enumerate(node):
             if isinstance(item, dict) and item.get("name") == key:
                 return i
-        raise ValueError(f"--set {path}: no list index or stage named '{key}'.")
+        raise ConfigError(f"--set {path}: no list index or stage named '{key}'.")
     if isinstance(node, dict):
         return key
-    raise ValueError(f"--set {path}: '{key}' goes inside a {type(node).__name__}, which has no fields.")
+    raise ConfigError(f"--set {path}: '{key}' goes inside a {type(node).__name__}, which has no fields.")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -209,7 +273,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for item in overrides:
         path, sep, raw = item.partition("=")
         if not sep or not path:
-            raise ValueError(f"--set {item!r} must look like key.path=value, e.g. stages.0.trainer.iterations=10.")
+            raise ConfigError(f"--set {item!r} must look like key.path=value, e.g. stages.0.trainer.iterations=10.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -222,19 +286,37 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             try:
                 node = node[index]
             except IndexError:
-                raise ValueError(f"--set {path}: index {index} is out of range ({len(node)} entries).") from None
+                raise ConfigError(f"--set {path}: index {index} is out of range ({len(node)} entries).") from None
         last = _child(node, keys[-1], path)
         if isinstance(node, list) and not -len(node) <= last < len(node):
-            raise ValueError(f"--set {path}: index {last} is out of range ({len(node)} entries).")
+            raise ConfigError(f"--set {path}: index {last} is out of range ({len(node)} entries).")
         node[last] = value
     return data
 
 
-def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run config JSON file, apply ``--set`` overrides, validate."""
+def read_json(path: str | Path, what: str, flag: str) -> Any:
+    """The JSON value of file ``path`` (``what``, given with ``flag``); a missing or malformed file raises a
+    :class:`~distill_mixins.errors.UsageError` naming the file and the fix."""
     path = Path(path)
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise MissingFileError(f"{what} {path} {problem}: give the path of a JSON file with {flag}.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}.") from error
-    return build_dataclass(RunConfig, apply_overrides(data, overrides), str(path))
+        raise ConfigError(
+            f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): "
+            "fix the syntax there."
+        ) from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({error.reason}): give a JSON file.") from error
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config JSON file, apply ``--set`` overrides, validate; errors are :class:`ConfigError`
+    (a ValueError) naming the file, the stage and the field, or a :class:`MissingFileError`."""
+    data = apply_overrides(read_json(path, "run config", "--config"), overrides)
+    try:
+        return build_dataclass(RunConfig, data, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error

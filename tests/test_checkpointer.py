@@ -356,7 +356,7 @@ def test_loading_never_unpickles_code(tmp_path):
 
 def test_extract_weights_then_load_gives_identical_student_outputs(tmp_path, capsys):
     model = make_kd(ema=EMAConfig(halflife_steps=2))
-    config = TrainerConfig(iterations=5, run_dir=str(tmp_path / "run"), progress=False)
+    config = TrainerConfig(iterations=5, run_dir=str(tmp_path / "run"), progress=False, autocast="none")
     DistillationTrainer(model, FunctionData(kd_batch), config).fit()
     out, out_ema = tmp_path / "student.safetensors", tmp_path / "ema.safetensors"
     assert cli_main(["extract-weights", "--input", str(tmp_path / "run"), "--output", str(out)]) == 0
@@ -382,7 +382,7 @@ def test_extract_weights_errors_name_the_problem(tmp_path):
     DistillCheckpointer(tmp_path / "checkpoints").save(model, 1)
     with pytest.raises(CheckpointError, match="no EMA weights: the run had no EMA"):
         extract_student_weights(tmp_path, tmp_path / "x.safetensors", ema=True)
-    assert cli_main(["extract-weights", "--input", str(tmp_path), "--output", str(tmp_path / "y"), "--ema"]) == 1
+    assert cli_main(["extract-weights", "--input", str(tmp_path), "--output", str(tmp_path / "y"), "--ema"]) == 2
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
         extract_student_weights(tmp_path / "nothing", tmp_path / "x.safetensors")
     extract_student_weights(tmp_path, tmp_path / "s.safetensors")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from distill_mixins import DMD2Config, DMD2Mixin, EMAConfig, OptimizerConfig, TimeSamplerConfig
@@ -115,6 +116,7 @@ def check(f: Figures) -> None:
     assert f.teacher_1step > 5 * f.floor
 
 
+@pytest.mark.acceptance
 def test_one_step_dmd2_from_scratch_matches_the_teacher_distribution():
     """1 student : 1 critic update (the tiny critic keeps up; the recipes' 1 : 4 needs ~2x the iterations here)."""
     model, seconds = train_dmd2("one_step", 14000, 2)
@@ -123,6 +125,7 @@ def test_one_step_dmd2_from_scratch_matches_the_teacher_distribution():
     check(figures)
 
 
+@pytest.mark.acceptance
 def test_four_step_dmd2_from_scratch_matches_the_teacher_distribution():
     """Cosmos 4-step schedule, all four steps simulated with the gradient on the last (``backward_simulation=False``)
     and 1 student : 1 critic update; docs/methods/dmd2.md compares it with random-n backward simulation."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distill_mixins import KDConfig, KDMixin, OptimizerConfig
+from distill_mixins.methods.kd import KD_NOISE, KD_PATH, KD_PATH_T, KD_TEACHER_X0
 from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, ring_mixture
 from distill_mixins.trigflow import add_noise
 
@@ -35,7 +36,7 @@ def kd_batch(model: AnalyticKD, n: int, generator: torch.Generator) -> dict[str,
     labels = torch.randint(0, 2, (n,), generator=generator)
     noise = torch.randn(n, *SHAPE, generator=generator)
     x0 = model.generate_teacher(labels, noise, uncondition=torch.full_like(labels, -1), guidance=GUIDANCE)
-    return {"label": labels, "noise": noise, "teacher_x0": x0, "x0": x0}
+    return {"label": labels, KD_NOISE: noise, KD_TEACHER_X0: x0, "x0": x0}
 
 
 def relative_mse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -45,7 +46,7 @@ def relative_mse(x: torch.Tensor, ref: torch.Tensor) -> float:
 def train(model: AnalyticKD, pool: dict[str, torch.Tensor], iterations: int, seed: int = 0) -> float:
     """Plain loop over random minibatches of 256, learning rate decayed linearly to 5%; returns seconds."""
     g = torch.Generator().manual_seed(seed)
-    n = pool["noise"].shape[0]
+    n = pool[KD_NOISE].shape[0]
     (optimizer,) = model.get_optimizers(0)
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
@@ -67,15 +68,15 @@ def test_loss_is_half_mse_of_the_one_step_prediction():
     out, loss = model.training_step(batch, 0)
     with torch.no_grad():
         t = model.student_times()[0]
-        x0 = model.trigflow_denoise(model.net, math.sin(float(t)) * batch["noise"], t, batch["label"]).x0
-    assert torch.allclose(loss, 0.5 * (x0 - batch["teacher_x0"]).pow(2).mean(), atol=1e-7)
+        x0 = model.trigflow_denoise(model.net, math.sin(float(t)) * batch[KD_NOISE], t, batch["label"]).x0
+    assert torch.allclose(loss, 0.5 * (x0 - batch[KD_TEACHER_X0]).pow(2).mean(), atol=1e-7)
     assert out["loss_kd"] == loss.detach()
 
 
 def test_zero_loss_when_the_student_reproduces_the_targets():
     model = make_kd()
     batch = kd_batch(model, 8, torch.Generator().manual_seed(0))
-    batch["teacher_x0"] = model.generate(batch["label"], batch["noise"])
+    batch[KD_TEACHER_X0] = model.generate(batch["label"], batch[KD_NOISE])
     _, loss = model.training_step(batch, 0)
     assert loss.item() == 0.0
 
@@ -85,7 +86,7 @@ def test_multistep_path_input_takes_the_state_of_the_drawn_time():
     ts = model.student_times()
     n = 64
     path = torch.arange(4, dtype=torch.float32).reshape(1, 4, 1, 1, 1, 1).expand(n, 4, *SHAPE).clone()
-    batch = {"noise": torch.zeros(n, *SHAPE), "teacher_x0": torch.zeros(n, *SHAPE), "path": path}
+    batch = {KD_NOISE: torch.zeros(n, *SHAPE), KD_TEACHER_X0: torch.zeros(n, *SHAPE), KD_PATH: path}
     x_t, t = model.kd_inputs(batch)
     k = x_t[:, 0, 0, 0, 0].long()
     assert torch.equal(t, ts[k])
@@ -96,9 +97,9 @@ def test_multistep_interpolated_input_is_the_renoised_teacher_sample():
     model = make_kd(student_schedule="cosmos_4step", multistep_input="interpolated")
     assert model.distill_config.renoise == "initial"
     g = torch.Generator().manual_seed(0)
-    batch = {"noise": torch.randn(32, *SHAPE, generator=g), "teacher_x0": torch.randn(32, *SHAPE, generator=g)}
+    batch = {KD_NOISE: torch.randn(32, *SHAPE, generator=g), KD_TEACHER_X0: torch.randn(32, *SHAPE, generator=g)}
     x_t, t = model.kd_inputs(batch)
-    assert torch.allclose(x_t, add_noise(batch["teacher_x0"], batch["noise"], t, model.sigma_data))
+    assert torch.allclose(x_t, add_noise(batch[KD_TEACHER_X0], batch[KD_NOISE], t, model.sigma_data))
 
 
 def test_kd_has_no_critic_and_defaults_follow_the_recipe():
@@ -126,16 +127,16 @@ def test_config_errors_name_the_field(kwargs, message):
 def test_batch_errors_name_the_missing_key_and_the_fix():
     model = make_kd(student_schedule="cosmos_4step")
     noise = torch.zeros(4, *SHAPE)
-    with pytest.raises(KeyError, match="no 'path'.*ODE states"):
-        model.training_step({"noise": noise, "teacher_x0": noise, "x0": noise, "label": torch.zeros(4).long()}, 0)
+    with pytest.raises(KeyError, match="no 'kd/path'.*ODE states"):
+        model.training_step({KD_NOISE: noise, KD_TEACHER_X0: noise, "x0": noise, "label": torch.zeros(4).long()}, 0)
     with pytest.raises(ValueError, match=r"needs \(B, 4, 2, 2, 1, 1\)"):
-        model.kd_inputs({"noise": noise, "teacher_x0": noise, "path": torch.zeros(4, 3, *SHAPE)})
+        model.kd_inputs({KD_NOISE: noise, KD_TEACHER_X0: noise, KD_PATH: torch.zeros(4, 3, *SHAPE)})
     path_t = model.student_times().expand(4, 4).clone()
     path_t[:, 2] += 1e-3
     with pytest.raises(ValueError, match="differs from the student's times"):
-        model.kd_inputs({"noise": noise, "teacher_x0": noise, "path": torch.zeros(4, 4, *SHAPE), "path_t": path_t})
-    with pytest.raises(KeyError, match="no 'teacher_x0'"):
-        make_kd().training_step({"noise": noise, "x0": noise, "label": torch.zeros(4).long()}, 0)
+        model.kd_inputs({KD_NOISE: noise, KD_TEACHER_X0: noise, KD_PATH: torch.zeros(4, 4, *SHAPE), KD_PATH_T: path_t})
+    with pytest.raises(KeyError, match="no 'kd/teacher_x0'"):
+        make_kd().training_step({KD_NOISE: noise, "x0": noise, "label": torch.zeros(4).long()}, 0)
 
 
 # ----------------------------------------------------------------------------- acceptance
@@ -150,16 +151,17 @@ def pairs():
     return train_pool, held_out
 
 
+@pytest.mark.acceptance
 def test_one_step_kd_matches_the_36_step_teacher(pairs):
     train_pool, held_out = pairs
     model = make_kd()
     seconds = train(model, train_pool, 3000)
-    student = model.generate(held_out["label"], held_out["noise"])
+    student = model.generate(held_out["label"], held_out[KD_NOISE])
     teacher_1 = model.generate_teacher(
-        held_out["label"], held_out["noise"], uncondition=torch.full_like(held_out["label"], -1),
+        held_out["label"], held_out[KD_NOISE], uncondition=torch.full_like(held_out["label"], -1),
         guidance=GUIDANCE, steps=1,
     )
-    rel, rel_teacher = relative_mse(student, held_out["teacher_x0"]), relative_mse(teacher_1, held_out["teacher_x0"])
+    rel, rel_teacher = relative_mse(student, held_out[KD_TEACHER_X0]), relative_mse(teacher_1, held_out[KD_TEACHER_X0])
     print(f"\n1-step KD student: relative MSE {rel:.4f} to the 36-step teacher (goal <= 0.01) after {seconds:.1f} s; "
           f"teacher at 1 step: {rel_teacher:.4f}")
     assert rel <= 0.01
@@ -169,11 +171,12 @@ def test_one_step_kd_matches_the_36_step_teacher(pairs):
 def train_and_compare(model: AnalyticKD, train_pool: dict, held_out: dict, iterations: int, what: str, note: str):
     """Train, sample the held-out noise with the student, print and return its relative MSE to the teacher."""
     seconds = train(model, train_pool, iterations)
-    rel = relative_mse(model.generate(held_out["label"], held_out["noise"]), held_out["teacher_x0"])
+    rel = relative_mse(model.generate(held_out["label"], held_out[KD_NOISE]), held_out[KD_TEACHER_X0])
     print(f"\n4-step KD student ({what}): relative MSE {rel:.4f} to the teacher ({note}) after {seconds:.1f} s")
     return rel
 
 
+@pytest.mark.acceptance
 def test_four_step_kd_matches_the_36_step_teacher(pairs):
     train_pool, held_out = pairs
     model = make_kd(student_schedule="cosmos_4step", multistep_input="interpolated")
@@ -193,14 +196,15 @@ def generated_pool(model: AnalyticKD, out_dir, n: int, seed: int, batches_seed: 
     return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
 
 
+@pytest.mark.acceptance
 def test_four_step_kd_on_the_teacher_ode_path_from_generated_shards(tmp_path):
     """``multistep_input="path"`` end to end (generate_kd_data -> KDShardDataset -> KD). A student fed the ODE path
     cannot beat the gap of an exact flow-map student (about 1%, benchmarks/kd_multistep_bound.py)."""
     model = make_kd(student_schedule="cosmos_4step")
     train_pool = generated_pool(model, tmp_path / "train", 16384, seed=1, batches_seed=1)
     held_out = generated_pool(model, tmp_path / "held_out", 2048, seed=2, batches_seed=2)
-    assert train_pool["path"].shape == (16384, 4, *SHAPE) and torch.equal(
-        train_pool["path"][:, 0], math.sin(float(model.student_times()[0])) * train_pool["noise"]
+    assert train_pool[KD_PATH].shape == (16384, 4, *SHAPE) and torch.equal(
+        train_pool[KD_PATH][:, 0], math.sin(float(model.student_times()[0])) * train_pool[KD_NOISE]
     )
     rel = train_and_compare(model, train_pool, held_out, 4000, "ODE path input, renoise 'ode'",
                             "an exact flow-map student: ~0.010")

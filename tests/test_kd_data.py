@@ -19,6 +19,12 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from distill_mixins.cli import main as cli_main
 from distill_mixins.data import (
+    KD_NOISE,
+    KD_PATH,
+    KD_PATH_T,
+    KD_SAMPLE_INDEX,
+    KD_TEACHER_X0,
+    KD_VIDEO,
     KDDataConfig,
     KDDataError,
     KDShardDataset,
@@ -82,7 +88,7 @@ def everything(dataset) -> dict:
         ({"shard_size": 0}, "KDDataConfig.shard_size=0 must be an int >= 1"),
         ({"path_times": (1.0, 1.2)}, "KDDataConfig.path_times=(1.0, 1.2): give strictly descending"),
         ({"path_times": (1.5, 1.0, 0.5), "steps": 2}, "KDDataConfig.steps=2 is below the 3 path times"),
-        ({"store_keys": ("label", "noise")}, "KDDataConfig.store_keys has ['noise']"),
+        ({"store_keys": ("label", "kd/noise")}, "KDDataConfig.store_keys has ['kd/noise']"),
         ({"dtype": "float8"}, "KDDataConfig.dtype='float8' is not known"),
         ({"guidance": float("nan")}, "KDDataConfig.guidance=nan must be a finite number >= 0"),
     ],
@@ -131,17 +137,17 @@ def test_teacher_x0_and_noise_are_the_teachers_sample_from_the_per_sample_noise(
     model = analytic_model()
     generate_kd_data(model, analytic_batches(7), tmp_path, config)
     data = everything(KDShardDataset(tmp_path))
-    assert torch.equal(data["sample_index"], torch.arange(24))
-    assert torch.equal(data["noise"], sample_noise(5, range(24), (2, 2, 1, 1), torch.float32))
+    assert torch.equal(data[KD_SAMPLE_INDEX], torch.arange(24))
+    assert torch.equal(data[KD_NOISE], sample_noise(5, range(24), (2, 2, 1, 1), torch.float32))
     labels = data["label"]
     for start, stop in ((0, 8), (8, 10), (10, 18), (18, 20), (20, 24)):  # the teacher batches within shards
-        x0 = model.generate_teacher(labels[start:stop], data["noise"][start:stop], guidance=GUIDANCE,
+        x0 = model.generate_teacher(labels[start:stop], data[KD_NOISE][start:stop], guidance=GUIDANCE,
                                     uncondition=torch.full_like(labels[start:stop], -1))
-        assert torch.equal(data["teacher_x0"][start:stop], x0)
+        assert torch.equal(data[KD_TEACHER_X0][start:stop], x0)
     stream = analytic_batches(7)
     expected = torch.cat([next(stream)["label"] for _ in range(4)])[:24]
     assert torch.equal(labels, expected)  # the user's batches, re-cut into shards in order
-    assert "path" not in data
+    assert KD_PATH not in data and "path" not in data
 
 
 def test_noise_depends_only_on_seed_and_sample_index(tmp_path):
@@ -149,7 +155,7 @@ def test_noise_depends_only_on_seed_and_sample_index(tmp_path):
     generate(tmp_path / "b", four_step_config(), batch_size=5)  # other host batches: same noise per sample
     generate(tmp_path / "c", four_step_config(seed=4))
     a, b, c = (everything(KDShardDataset(tmp_path / d)) for d in "abc")
-    assert torch.equal(a["noise"], b["noise"]) and not torch.equal(a["noise"], c["noise"])
+    assert torch.equal(a[KD_NOISE], b[KD_NOISE]) and not torch.equal(a[KD_NOISE], c[KD_NOISE])
     generate(tmp_path / "a2", four_step_config())
     assert_same_dataset(tmp_path / "a", tmp_path / "a2")  # same seed: identical tensors and checksums
 
@@ -160,17 +166,17 @@ def test_path_states_lie_on_the_teachers_ode(tmp_path):
     generate_kd_data(model, analytic_batches(32), tmp_path, config)
     data = everything(KDShardDataset(tmp_path))
     ts, sd = model.student_times(), model.sigma_data
-    assert data["path"].shape == (32, 4, 2, 2, 1, 1) and torch.equal(data["path_t"], ts.expand(32, 4))
-    assert torch.equal(data["path"][:, 0], initial_state(data["noise"], ts[0], sd))
+    assert data[KD_PATH].shape == (32, 4, 2, 2, 1, 1) and torch.equal(data[KD_PATH_T], ts.expand(32, 4))
+    assert torch.equal(data[KD_PATH][:, 0], initial_state(data[KD_NOISE], ts[0], sd))
     grid = teacher_grid(model, config)
     denoise = model.guided_denoiser(model.net_teacher, data["label"], torch.full_like(data["label"], -1), GUIDANCE)
     for k, i in enumerate(grid.path_indices):  # the rest of the 36-step solve from path[k] is the stored x0
         assert grid.times[i] == ts[k]
-        rest = sample_heun(denoise, data["path"][:, k] / (sd * math.sin(ts[k])), grid.times[i:], sigma_data=sd)
-        assert torch.allclose(rest, data["teacher_x0"], atol=1e-5)
+        rest = sample_heun(denoise, data[KD_PATH][:, k] / (sd * math.sin(ts[k])), grid.times[i:], sigma_data=sd)
+        assert torch.allclose(rest, data[KD_TEACHER_X0], atol=1e-5)
     fine = teacher_grid(model, dataclasses.replace(config, steps=720))  # a 720-step solve through the same times
-    _, exact = sample_ode_states(denoise, data["noise"], fine.times, sigma_data=sd, record=fine.path_indices)
-    error = (data["path"] - exact).abs().max().item()
+    _, exact = sample_ode_states(denoise, data[KD_NOISE], fine.times, sigma_data=sd, record=fine.path_indices)
+    error = (data[KD_PATH] - exact).abs().max().item()
     print(f"max |path - 720-step solution| = {error:.2e}")
     assert error < 1e-3
 
@@ -249,8 +255,8 @@ def test_batches_that_run_out_or_do_not_fit_raise(tmp_path):
     few = [next(analytic_batches(8)) for _ in range(2)]
     with pytest.raises(KDDataError, match="the batches ran out after 16 samples: lower num_samples"):
         generate_kd_data(analytic_model(), few, tmp_path / "a", KDDataConfig(num_samples=20, shard_size=20))
-    clash = [{**few[0], "noise": torch.zeros(8)}]
-    with pytest.raises(KDDataError, match=r"batch keys \['noise'\] collide"):
+    clash = [{**few[0], KD_NOISE: torch.zeros(8)}]
+    with pytest.raises(KDDataError, match=r"batch keys \['kd/noise'\] collide"):
         generate_kd_data(analytic_model(), clash, tmp_path / "b", KDDataConfig(num_samples=8))
 
 
@@ -265,22 +271,22 @@ def test_corrupted_or_truncated_shard_is_named(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(KDDataError, match="shard-00001.safetensors fails its checksum"):
         KDShardDataset(tmp_path)[20]
-    assert KDShardDataset(tmp_path)[3]["teacher_x0"].shape == (2, 2, 1, 1)  # other shards still read
+    assert KDShardDataset(tmp_path)[3][KD_TEACHER_X0].shape == (2, 2, 1, 1)  # other shards still read
     shard.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(KDDataError, match="shard-00001.safetensors is truncated or altered"):
         KDShardDataset(tmp_path)[20]
     with pytest.raises(KDDataError, match="shard-00001.safetensors is not a readable safetensors file"):
         KDShardDataset(tmp_path, verify=False)[20]
     assert generate(tmp_path, four_step_config()).generated_shards == 1  # a re-run regenerates the broken shard
-    assert KDShardDataset(tmp_path)[20]["sample_index"] == 20
+    assert KDShardDataset(tmp_path)[20][KD_SAMPLE_INDEX] == 20
 
 
 def test_shapes_are_checked_against_the_manifest(tmp_path):
     generate(tmp_path, four_step_config())
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["tensors"]["path"]["shape"] = [3, 2, 2, 1, 1]
+    manifest["tensors"][KD_PATH]["shape"] = [3, 2, 2, 1, 1]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(KDDataError, match=r"shard-00000.safetensors: tensor 'path' is float32 \[16, 4, 2, 2, 1, 1\]"):
+    with pytest.raises(KDDataError, match=r"shard-00000.safetensors: tensor 'kd/path' is float32 \[16, 4, 2, 2, 1, 1"):
         KDShardDataset(tmp_path)[0]
     with pytest.raises(KDDataError, match="does not exist"):
         KDShardDataset(tmp_path / "nothing")
@@ -294,11 +300,11 @@ def test_dataset_with_distributed_sampler_and_shuffling_loader_feeds_kd_training
     for rank in range(2):
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
         loader = DataLoader(dataset, batch_size=8, sampler=sampler)
-        seen.append(torch.cat([batch["sample_index"] for batch in loader]).tolist())
+        seen.append(torch.cat([batch[KD_SAMPLE_INDEX] for batch in loader]).tolist())
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(40))
     loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
     batches = list(loader)
-    order = torch.cat([b["sample_index"] for b in batches])
+    order = torch.cat([b[KD_SAMPLE_INDEX] for b in batches])
     assert sorted(order.tolist()) == list(range(40)) and order.tolist() != list(range(40))
     model = analytic_model("cosmos_4step")  # a dataset batch is a KD batch: the host reads it unchanged
     out, loss = model.training_step(batches[0], 0)
@@ -318,8 +324,8 @@ def test_prompt_list_and_ode_pairs(tmp_path):
     manifest = write_ode_pairs(tmp_path / "kd", tmp_path / "pairs")
     pairs = ODEPairDataset(manifest.parent)
     assert len(pairs) == 10 and pairs[7]["prompt"] == "label 1"
-    assert torch.equal(pairs[7]["clean_latent"], data[7]["teacher_x0"])
-    assert torch.equal(pairs[7]["path"], data[7]["path"]) and torch.equal(pairs[7]["noise"], data[7]["noise"])
+    assert torch.equal(pairs[7]["clean_latent"], data[7][KD_TEACHER_X0])
+    assert torch.equal(pairs[7]["path"], data[7][KD_PATH]) and torch.equal(pairs[7]["noise"], data[7][KD_NOISE])
     with pytest.raises(KDDataError, match="has no string key 'caption'"):
         write_ode_pairs(tmp_path / "kd", tmp_path / "pairs2", prompt_key="caption")
     pair = manifest.parent / "pair-00000003.safetensors"
@@ -338,8 +344,8 @@ def test_cli_generates_resumes_and_writes_ode_pairs(tmp_path, capsys):
     assert cli_main(args) == 0
     assert "(0 generated, 3 already done)" in capsys.readouterr().out
     data = KDShardDataset(tmp_path / "kd")
-    assert len(data) == 24 and data[0]["path"].shape == (4, 2, 2, 1, 1) and data.manifest["steps"] == 12
-    assert cli_main([*args, "--guidance", "3"]) == 1  # resuming with another guidance is refused
+    assert len(data) == 24 and data[0][KD_PATH].shape == (4, 2, 2, 1, 1) and data.manifest["steps"] == 12
+    assert cli_main([*args, "--guidance", "3"]) == 2  # resuming with another guidance is refused (a user error)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("label 0\nlabel 1\n\nlabel 1\n")
     assert cli_main(["generate-kd-data", "--model", f"{examples}:analytic_model", "--prompts", str(prompts),
@@ -364,11 +370,11 @@ def test_negative_condition_storage_dtype_and_decoded_video(tmp_path):
 
     generate_kd_data(model, analytic_batches(8), tmp_path, config, negative=negative)
     data = everything(KDShardDataset(tmp_path))
-    assert data["noise"].dtype == torch.bfloat16 and torch.equal(data["noise"], sample_noise(0, range(8), (2, 2, 1, 1),
-                                                                                           torch.bfloat16))
-    x0 = model.generate_teacher(data["label"], data["noise"].float(), uncondition=torch.zeros_like(data["label"]),
+    noise = data[KD_NOISE]
+    assert noise.dtype == torch.bfloat16 and torch.equal(noise, sample_noise(0, range(8), (2, 2, 1, 1), torch.bfloat16))
+    x0 = model.generate_teacher(data["label"], data[KD_NOISE].float(), uncondition=torch.zeros_like(data["label"]),
                                 guidance=GUIDANCE)
-    assert torch.equal(data["teacher_x0"], x0.bfloat16()) and torch.equal(data["video"], (2.0 * x0).bfloat16())
+    assert torch.equal(data[KD_TEACHER_X0], x0.bfloat16()) and torch.equal(data[KD_VIDEO], (2.0 * x0).bfloat16())
     assert KDShardDataset(tmp_path).manifest["negative"].endswith("negative")
     with pytest.raises(KDDataError, match="store_video=True needs a host decode"):
         generate_kd_data(analytic_model(), analytic_batches(8), tmp_path / "b", config)
@@ -385,4 +391,4 @@ def test_more_samples_later_extends_the_dataset_as_one_run_would(tmp_path):
 def test_loader_workers_read_the_shards(tmp_path):
     generate(tmp_path, four_step_config())
     loader = DataLoader(KDShardDataset(tmp_path), batch_size=8, shuffle=True, num_workers=2)
-    assert sorted(torch.cat([b["sample_index"] for b in loader]).tolist()) == list(range(40))
+    assert sorted(torch.cat([b[KD_SAMPLE_INDEX] for b in loader]).tolist()) == list(range(40))

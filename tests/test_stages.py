@@ -35,7 +35,7 @@ def stage(name: str, iterations: int, **fields) -> dict:
         "name": name, "method": "kd", "model": f"{TOY}:toy_model", "data": f"{TOY}:toy_kd_data",
         "model_args": {"hidden": 16, "depth": 2}, "data_args": {"pairs": 64, "teacher_steps": 4},
         "method_config": {"student_optimizer": ADAM},
-        "trainer": {"iterations": iterations, "batch_size": 16, "log_every": 1, "progress": False},
+        "trainer": {"iterations": iterations, "batch_size": 16, "log_every": 1, "progress": False, "autocast": "none"},
     }
     for key, value in fields.items():
         values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value

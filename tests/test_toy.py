@@ -135,7 +135,7 @@ def test_teacher_training_resumes_bit_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "ToyUNet", lambda: ToyUNet(**SMALL_UNET))
     monkeypatch.setattr(train, "ToyTextEncoder", lambda: ToyTextEncoder(dim=16, layers=1, heads=2))
-    config = {"batch_size": 4, "save_every": 2, "warmup": 2, "bf16": False}
+    config = {"batch_size": 4, "save_every": 2, "warmup": 2, "precision": "fp32"}
     whole = train_toy_teacher(tmp_path / "a", TeacherTrainConfig(iterations=4, **config))
     train_toy_teacher(tmp_path / "b", TeacherTrainConfig(iterations=2, **config))
     resumed = train_toy_teacher(tmp_path / "b", TeacherTrainConfig(iterations=4, **config))

@@ -114,7 +114,10 @@ METHODS = {
 
 
 def train(model, data, run_dir: Path, iterations: int, callbacks=(), **config) -> DistillationTrainer:
+    """Float32 unless asked (``autocast="none"``): the known answers here (bit-exact resume, the docs' loop, 1e-6
+    accumulation) must not depend on whether this machine's ``auto`` means bf16; tiny MLPs gain nothing from it."""
     config.setdefault("progress", False)
+    config.setdefault("autocast", "none")
     trainer = DistillationTrainer(
         model, FunctionData(data), TrainerConfig(iterations=iterations, run_dir=str(run_dir), **config), callbacks
     )
@@ -253,7 +256,8 @@ def test_a_nonfinite_loss_skips_its_iteration_and_is_logged(tmp_path):
 def test_nonfinite_losses_in_a_row_stop_training_and_keep_the_last_good_checkpoint(tmp_path):
     trainer = DistillationTrainer(
         make_kd(), FunctionData(nan_from(5)),
-        TrainerConfig(iterations=20, run_dir=str(tmp_path), save_every=2, max_nonfinite_in_row=3, progress=False),
+        TrainerConfig(iterations=20, run_dir=str(tmp_path), save_every=2, max_nonfinite_in_row=3, progress=False,
+                      autocast="none"),
     )
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row \(iterations 5-7\).*iter_000004"):
         trainer.fit()

@@ -21,6 +21,8 @@ from loguru import logger
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from distill_mixins.methods.kd import KD_NOISE, KD_TEACHER_X0, kd_field
+
 if TYPE_CHECKING:
     from distill_mixins.trainer.trainer import DistillationTrainer
 
@@ -136,8 +138,8 @@ class LoguruLogger(Callback):
     def on_train_start(self, trainer: DistillationTrainer) -> None:
         """Log where training starts."""
         logger.info(
-            "training {} from iteration {} to {} in {}", type(trainer.model).__name__, trainer.iteration,
-            trainer.config.iterations, trainer.run_dir,
+            "training {} from iteration {} to {} in {}, autocast {} (asked: {})", type(trainer.model).__name__,
+            trainer.iteration, trainer.config.iterations, trainer.run_dir, trainer.autocast, trainer.config.autocast,
         )
 
     def on_metrics(self, trainer: DistillationTrainer, iteration: int, metrics: dict[str, Any]) -> None:
@@ -289,12 +291,13 @@ def distillation_rows(
 ) -> RowsFn:
     """A ``rows_fn`` for the training visual (KD issue): rows ``student 1-step``, ``teacher 1-step`` (the gap),
     ``condition`` (``batch[condition_key]``, a (B, C, T, H, W) control video, or the ground-truth frames of a
-    Video2World condition) and ``ground truth`` (``batch["x0"]``), all from the batch's ``noise`` (B, C, T, H, W)
-    (drawn from ``seed`` when absent). The teacher's CFG scale ``guidance`` is in the standard form."""
+    Video2World condition) and ``ground truth`` (``batch["x0"]``), all from the batch's KD noise ``kd/noise``
+    (B, C, T, H, W) (drawn from ``seed`` when absent; a host's own ``noise`` key is not read). The teacher's CFG
+    scale ``guidance`` is in the standard form."""
 
     def rows(model: nn.Module, iteration: int) -> dict[str, Tensor | None]:
         data = model.prepare_data(batch)
-        noise = batch.get("noise")
+        noise = kd_field(batch, KD_NOISE)
         if noise is None:
             noise = torch.randn(data.x0.shape, generator=torch.Generator().manual_seed(seed)).to(data.x0)
         student = model.generate(data.condition, noise, schedule="one_step", use_ema=use_ema)
@@ -328,16 +331,19 @@ class ValidationCallback(Callback):
 
 
 def student_sample_validation(batch: dict[str, Tensor], *, use_ema: bool = False, seed: int = 0) -> ValidateFn:
-    """A ``validate_fn``: sample the student from the batch's ``noise`` (B, C, T, H, W) for its condition and
-    report ``sample_mse`` against ``teacher_x0`` (KD batches) and the samples' mean and std."""
+    """A ``validate_fn``: sample the student from the batch's ``kd/noise`` (B, C, T, H, W) for its condition and
+    report ``sample_mse`` against ``kd/teacher_x0`` (KD batches) and the samples' mean and std."""
 
     def validate(model: nn.Module, iteration: int) -> dict[str, float]:
+        noise, teacher = kd_field(batch, KD_NOISE), kd_field(batch, KD_TEACHER_X0)
+        if noise is None:
+            raise KeyError(f"student_sample_validation needs a KD batch with '{KD_NOISE}' (it has {sorted(batch)}).")
         _, condition, _ = model.get_data_and_condition(batch)  # type: ignore[operator]
-        generator = torch.Generator(device=batch["noise"].device).manual_seed(seed)
-        x0 = model.generate(condition, batch["noise"], use_ema=use_ema, generator=generator)  # type: ignore[operator]
+        generator = torch.Generator(device=noise.device).manual_seed(seed)
+        x0 = model.generate(condition, noise, use_ema=use_ema, generator=generator)  # type: ignore[operator]
         figures = {"sample_mean": float(x0.float().mean()), "sample_std": float(x0.float().std())}
-        if "teacher_x0" in batch:
-            figures["sample_mse"] = float((x0.float() - batch["teacher_x0"].float()).pow(2).mean())
+        if teacher is not None:
+            figures["sample_mse"] = float((x0.float() - teacher.float()).pow(2).mean())
         return figures
 
     return validate

@@ -6,13 +6,33 @@ import argparse
 from typing import Any
 
 
+def _checked_run_config(args: argparse.Namespace) -> Any:
+    """The run config of ``--config`` and ``--set``, every stage checked before any training; a config error is
+    a :class:`~distill_mixins.errors.ConfigError` naming the file, the stage and the field."""
+    from distill_mixins.trainer.stages import check_run_config
+
+    from distill_mixins.errors import ConfigError
+    from distill_mixins.run_config import load_run_config
+
+    run = load_run_config(args.config, args.set or [])
+    try:
+        check_run_config(run)  # run_stages checks again: cheap
+    except ConfigError as error:
+        raise ConfigError(f"{args.config}: {error}") from error
+    return run
+
+
 def _train(args: argparse.Namespace) -> int:
+    from distill_mixins.trainer.signals import Signalled
     from distill_mixins.trainer.stages import run_stages
     from loguru import logger
 
-    from distill_mixins.run_config import load_run_config
-
-    results = run_stages(load_run_config(args.config, args.set or []))
+    try:
+        results = run_stages(_checked_run_config(args))
+    except Signalled as stop:
+        logger.warning("stopped by signal {} between training iterations; run the same command again to resume.",
+                       stop.signal_number)
+        return 128 + stop.signal_number
     for stage in results:
         if stage.completed:
             print(f"stage {stage.name}: done, student {stage.student}")
@@ -26,15 +46,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from distill_mixins.checkpointer import CheckpointError, extract_student_weights
-    from loguru import logger
+    from pathlib import Path
 
-    try:
-        path = extract_student_weights(args.input, args.output, ema=args.ema)
-    except CheckpointError as error:
-        logger.error("{}", error)
-        return 1
-    print(path)
+    from distill_mixins.checkpointer import extract_student_weights
+
+    from distill_mixins.errors import MissingFileError
+
+    if not Path(args.input).exists():
+        raise MissingFileError(f"--input {args.input} does not exist: give a checkpoint, checkpoints or run directory.")
+    print(extract_student_weights(args.input, args.output, ema=args.ema))  # a CheckpointError is one line (cli.main)
     return 0
 
 
@@ -43,7 +63,8 @@ def register(commands: Any) -> None:
     train = commands.add_parser(
         "train", help="train the stages of a run config (JSON); run again to resume",
         description="Train the stages of a run config; a stopped run resumes from its newest usable checkpoint. "
-        "Exit status 0 when every stage completed, 128+N when stopped by signal N (a checkpoint was saved).",
+        "Exit status 0 when every stage completed, 128+N when stopped by signal N (a checkpoint was saved), 2 on a "
+        "configuration error (one line naming the file, stage and field; --debug shows the traceback).",
     )
     train.add_argument("--config", required=True, help="run config JSON file (see docs/trainer.md)")
     train.add_argument(

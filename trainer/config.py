@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill_mixins.config import check_choice, config_to_dict
+from distill_mixins.precision import resolve_precision
 
-AUTOCAST = ("none", "bf16", "fp16")
+AUTOCAST = ("auto", "none", "bf16", "fp16")
 RESUME_MODES = ("auto", "never")
 
 
@@ -30,8 +31,10 @@ class TrainerConfig:
     """Samples per micro-batch; needed when the data is a map-style dataset."""
     grad_accum: int = 1
     """Micro-batches per iteration; the phase of the iteration is fixed for all of them."""
-    autocast: str = "none"
-    """``none``, ``bf16`` (no scaler) or ``fp16`` (with a torch.amp.GradScaler, saved in checkpoints)."""
+    autocast: str = "auto"
+    """``auto`` (bf16 where ``device`` computes it natively, else none; the ``DISTILL_MIXINS_PRECISION`` variable
+    overrides: :func:`distill_mixins.precision.resolve_precision`), ``none`` (float32), ``bf16`` (no scaler) or
+    ``fp16`` (with a torch.amp.GradScaler, saved in checkpoints). Known-answer checks on tiny models pass ``none``."""
     device: str = "cpu"
     seed: int = 0
     log_every: int = 10
@@ -66,6 +69,12 @@ class TrainerConfig:
             raise ValueError(
                 f"TrainerConfig.resume={self.resume!r}: give 'auto', 'never' or a checkpoint directory path."
             )
+
+    def resolved_autocast(self) -> str:
+        """The autocast that runs on ``device``: ``none``, ``bf16`` or ``fp16`` (``auto`` resolved, logged once)."""
+        if self.autocast != "auto":
+            return self.autocast
+        return "bf16" if resolve_precision("auto", self.device) == "bf16" else "none"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-ready values."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from distill_mixins.config import DistillConfig
+from distill_mixins.methods.kd import KD_NOISE, KD_TEACHER_X0
 from distill_mixins.run_config import compose
 from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, ring_mixture
 
@@ -59,7 +60,7 @@ class TensorDictDataset(Dataset):
 def toy_kd_data(
     model: nn.Module, *, seed: int, pairs: int = 1024, guidance: float = 2.0, teacher_steps: int = 36,
 ) -> TensorDictDataset:
-    """KD pairs from the model's teacher: ``label``, ``noise``, ``teacher_x0`` (= ``x0``), each (pairs, ...).
+    """KD pairs from the model's teacher: ``label``, ``kd/noise``, ``kd/teacher_x0`` (= ``x0``), each (pairs, ...).
 
     Teacher: ``teacher_steps`` Heun steps with CFG ``w = guidance``. Multi-step students use
     ``multistep_input="interpolated"`` (these pairs carry no ODE ``path``).
@@ -71,7 +72,7 @@ def toy_kd_data(
     x0 = model.generate_teacher(  # type: ignore[operator]
         labels, noise, uncondition=torch.full_like(labels, -1), guidance=guidance, steps=teacher_steps,
     )
-    return TensorDictDataset({"label": labels, "noise": noise, "teacher_x0": x0, "x0": x0})
+    return TensorDictDataset({"label": labels, KD_NOISE: noise, KD_TEACHER_X0: x0, "x0": x0})
 
 
 def toy_validation(model: nn.Module, data: TensorDictDataset) -> ValidationCallback:
@@ -85,7 +86,8 @@ def two_stage_kd_config(run_dir: str, *, iterations: tuple[int, int] = (300, 200
     optimizer = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0}
     common = {"method": "kd", "model": "distill_mixins.trainer.examples:toy_model",
               "data": "distill_mixins.trainer.examples:toy_kd_data", "data_args": {"pairs": pairs}}
-    trainer = {"batch_size": 64, "log_every": 50, "validate_every": 100, "progress": True}
+    trainer = {"batch_size": 64, "log_every": 50, "validate_every": 100, "progress": True,
+               "autocast": "none"}  # tiny MLPs: float32 (bf16 autocast gains nothing at this size)
     return {
         "run_dir": run_dir,
         "seed": 0,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -43,3 +45,32 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class Signalled(BaseException):
+    """A SIGTERM/SIGINT that arrived outside a training loop, raised by :func:`raise_on_signal`'s handler (a
+    ``BaseException``, like ``KeyboardInterrupt``, so ``except Exception`` blocks do not swallow it)."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextmanager
+def raise_on_signal() -> Iterator[None]:
+    """For multi-stage pipelines: a SIGTERM/SIGINT raises :class:`Signalled` wherever the pipeline is, except inside
+    a training loop, whose :class:`StopOnSignal` takes over (it finishes the iteration, saves a checkpoint, returns,
+    and restores this handler). Previous handlers are restored on exit; main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise Signalled(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

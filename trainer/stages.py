@@ -7,6 +7,7 @@ completed stages are skipped, an interrupted one continues from its newest usabl
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,19 @@ from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.trainer.callbacks import TrainResult
 from distill_mixins.trainer.config import TrainerConfig
 from distill_mixins.trainer.seeding import seed_everything
+from distill_mixins.trainer.signals import raise_on_signal
 from distill_mixins.trainer.trainer import DistillationTrainer
 from loguru import logger
 
-from distill_mixins.run_config import RunConfig, StageConfig, build_dataclass, method_mixin, resolve_object
+from distill_mixins.errors import ConfigError
+from distill_mixins.run_config import (
+    RunConfig,
+    StageConfig,
+    build_dataclass,
+    method_mixin,
+    resolve_object,
+    stage_where,
+)
 
 STUDENT_FILE = "student.safetensors"
 EMA_FILE = "student_ema.safetensors"
@@ -47,7 +57,57 @@ def stage_trainer_config(run: RunConfig, index: int) -> TrainerConfig:
     """The stage's TrainerConfig: its ``trainer`` fields, ``seed`` defaulting to the run's, ``run_dir`` the stage's."""
     stage = run.stages[index]
     values = {"seed": run.seed, **stage.trainer, "run_dir": str(Path(run.run_dir) / stage.name)}
-    return build_dataclass(TrainerConfig, values, f"stages.{index}.trainer")
+    return build_dataclass(TrainerConfig, values, f"{stage_where(index, stage)}.trainer")
+
+
+def _check_call(spec: str, where: str, args: tuple[Any, ...], kwargs: dict[str, Any], fix: str) -> None:
+    """Resolve the factory ``spec`` and check that it accepts ``args`` and ``kwargs`` (else: ``fix``)."""
+    factory = resolve_object(spec, where)
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to check (a builtin): the call itself will tell
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where} {spec!r} cannot be called so ({error}): {fix}.") from error
+
+
+def _check_factories(stage: StageConfig, where: str) -> None:
+    """Resolve the stage's model, data and callback factories and check that they accept the stage's arguments."""
+    if "seed" in stage.data_args:
+        raise ConfigError(f"{where}.data_args.seed: the data factory gets the trainer seed; set trainer.seed instead.")
+    call = "it is called as factory({}); fix {} or the factory's signature"
+    _check_call(stage.model, f"{where}.model", (None, None), stage.model_args,
+                call.format("method_mixin, distill_config, **model_args", f"{where}.model_args"))
+    _check_call(stage.data, f"{where}.data", (None,), {"seed": 0, **stage.data_args},
+                call.format("model, seed=<trainer seed>, **data_args", f"{where}.data_args"))
+    for i, spec in enumerate(stage.callbacks):
+        _check_call(spec, f"{where}.callbacks[{i}]", (None, None), {}, "a callback is made as factory(model, data)")
+
+
+def _check_stage(run: RunConfig, index: int, previous: Any) -> Any:
+    """Build stage ``index``'s trainer and method configs and check its factories; returns the method config
+    (``previous``: the previous stage's, for ``init_from_previous='ema'``)."""
+    stage = run.stages[index]
+    where = stage_where(index, stage)
+    stage_trainer_config(run, index)
+    distill = build_dataclass(method_mixin(stage.method).config_class, stage.method_config, f"{where}.method_config")
+    if previous is not None and stage.init_from_previous == "ema" and getattr(previous, "ema", None) is None:
+        raise ConfigError(
+            f"{where} init_from_previous='ema' but stage {run.stages[index - 1].name!r} has no EMA: set its "
+            "method_config.ema, or use init_from_previous='student'."
+        )
+    _check_factories(stage, where)
+    return distill
+
+
+def check_run_config(run: RunConfig) -> None:
+    """Check every stage before any training (trainer and method configs, factories and their arguments), so
+    a config error in a later stage fails at once: a :class:`~distill_mixins.errors.ConfigError` naming it."""
+    previous = None
+    for index in range(len(run.stages)):
+        previous = _check_stage(run, index, previous)
 
 
 def _finished_checkpoint(config: TrainerConfig) -> Path | None:
@@ -70,7 +130,7 @@ def _initial_weights(stage: StageConfig, previous: StageResult | None) -> Path |
         return None
     if stage.init_from_previous == "ema":
         if previous.student_ema is None:
-            raise ValueError(
+            raise ConfigError(
                 f"stage {stage.name!r} init_from_previous='ema' but stage {previous.name!r} has no EMA: "
                 "set its method_config.ema, or use init_from_previous='student'."
             )
@@ -106,14 +166,17 @@ def run_stage(run: RunConfig, index: int, previous: StageResult | None, resolved
 
 def run_stages(run: RunConfig) -> list[StageResult]:
     """Run every stage in order, writing the resolved config to ``<run_dir>/run_config.json`` first; stops after
-    a stage that did not complete (a signal)."""
+    a stage that did not complete (a signal). Every stage is checked first (:func:`check_run_config`). A signal
+    outside a training loop raises :class:`~distill_mixins.trainer.signals.Signalled` (no later stage starts)."""
+    check_run_config(run)
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run.to_dict()
     write_text_atomic(run_dir / "run_config.json", json.dumps(resolved, indent=2))
     results: list[StageResult] = []
-    for index in range(len(run.stages)):
-        results.append(run_stage(run, index, results[-1] if results else None, resolved))
-        if not results[-1].completed:
-            break
+    with raise_on_signal():  # outside a training loop (loading, extracting) a signal raises Signalled
+        for index in range(len(run.stages)):
+            results.append(run_stage(run, index, results[-1] if results else None, resolved))
+            if not results[-1].completed:
+                break
     return results

@@ -100,7 +100,9 @@ class DistillationTrainer:
         self.run_dir = Path(config.run_dir)
         self.checkpointer = DistillCheckpointer(self.run_dir / "checkpoints", keep_last=config.keep_last)
         self.device = torch.device(config.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if config.autocast == "fp16" else None
+        self.autocast = config.resolved_autocast()
+        """The autocast that runs (``config.autocast`` with ``auto`` resolved): ``none``, ``bf16`` or ``fp16``."""
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast == "fp16" else None
         self.iteration = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -111,9 +113,10 @@ class DistillationTrainer:
     # ------------------------------------------------------------------ config
 
     def resolved_config(self) -> dict[str, Any]:
-        """The trainer and method configs (plus ``extra_config``) as written to the run directory."""
+        """The trainer and method configs (plus ``extra_config``) as written to the run directory; ``trainer``
+        also records the autocast that ran (``autocast_resolved``: ``auto`` resolved on this machine)."""
         return {
-            "trainer": self.config.to_dict(),
+            "trainer": {**self.config.to_dict(), "autocast_resolved": self.autocast},
             "distill": self.model.distill_config.to_dict(),
             "model_class": type(self.model).__qualname__,
             **self.extra_config,
@@ -125,6 +128,7 @@ class DistillationTrainer:
             "iteration": self.iteration,
             "seed": self.config.seed,
             "grad_accum": self.config.grad_accum,
+            "autocast": self.autocast,
             "micro_batches_consumed": self.iteration * self.config.grad_accum,
             "data": type(self.data).__name__,
             "nonfinite_loss_in_row": self.nonfinite_in_row,
@@ -141,6 +145,12 @@ class DistillationTrainer:
                     "resuming {} with {}={} but it was saved with {}: the data order differs from an uninterrupted "
                     "run (no bit-exact resume).", loaded.path, key, getattr(self.config, key), state[key],
                 )
+        if "autocast" in state and state["autocast"] != self.autocast:
+            logger.warning(
+                "resuming {} with autocast {} (TrainerConfig.autocast={!r}) but it ran with {}: the numerics differ "
+                "from an uninterrupted run (no bit-exact resume); set TrainerConfig.autocast explicitly to keep it.",
+                loaded.path, self.autocast, self.config.autocast, state["autocast"],
+            )
         self.nonfinite_in_row = int(state.get("nonfinite_loss_in_row", 0))
         self.nonfinite_total = int(state.get("nonfinite_loss_total", 0))
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
@@ -248,9 +258,9 @@ class DistillationTrainer:
     # --------------------------------------------------------------- iteration
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.config.autocast == "none":
+        if self.autocast == "none":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.config.autocast])
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
 
     def train_iteration(self, iteration: int) -> StepResult:
         """Run the ``grad_accum`` micro-batches of ``iteration`` in its phase, then step that phase."""

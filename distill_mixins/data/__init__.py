@@ -1,4 +1,8 @@
-"""Teacher-generated KD data: sharded safetensors + manifest, datasets over them, and ODE pairs."""
+"""Teacher-generated KD data: sharded safetensors + manifest, datasets over them, and ODE pairs.
+
+The generator's keys live under the prefix ``kd/`` (``KD_NOISE`` = ``"kd/noise"``, ...; defined once in
+:mod:`distill_mixins.methods.kd`), next to the host's batch keys, which are stored as they are.
+"""
 
 from distill_mixins.data.dataset import KDShardDataset, ODEPairDataset, write_ode_pairs
 from distill_mixins.data.kd_data import (
@@ -15,8 +19,26 @@ from distill_mixins.data.kd_data import (
     teacher_grid,
     teacher_hash,
 )
+from distill_mixins.methods.kd import (
+    KD_KEYS,
+    KD_NOISE,
+    KD_PATH,
+    KD_PATH_T,
+    KD_PREFIX,
+    KD_SAMPLE_INDEX,
+    KD_TEACHER_X0,
+    KD_VIDEO,
+)
 
 __all__ = [
+    "KD_KEYS",
+    "KD_NOISE",
+    "KD_PATH",
+    "KD_PATH_T",
+    "KD_PREFIX",
+    "KD_SAMPLE_INDEX",
+    "KD_TEACHER_X0",
+    "KD_VIDEO",
     "KDDataConfig",
     "KDDataError",
     "KDDataResult",

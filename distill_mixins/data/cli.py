@@ -9,10 +9,18 @@ from typing import Any
 SCHEDULES = ("one_step", "cosmos_4step", "model")
 
 
+def _given_path_times(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """``--path-times`` as numbers (a ConfigError names the flag)."""
+    from distill_mixins.errors import config_errors
+
+    with config_errors("--path-times"):
+        return tuple(float(t) for t in args.path_times.split(",")) if args.path_times else None
+
+
 def _path_times(args: argparse.Namespace, model: Any) -> tuple[float, ...] | None:
     """``--path-times`` as given, or ``--student-schedule`` resolved with the model's host and config."""
     if args.path_times:
-        return tuple(float(t) for t in args.path_times.split(","))
+        return _given_path_times(args)
     if args.student_schedule is None:
         return None
     if args.student_schedule == "model":
@@ -32,14 +40,42 @@ def _batches(args: argparse.Namespace) -> tuple[Any, int]:
     from distill_mixins.run_config import resolve_object
 
     if args.data:
-        if args.num_samples is None:
-            raise ValueError("--data needs --num-samples (the data may be endless).")
         return resolve_object(args.data, "--data")(), args.num_samples
-    if not args.prompt_batch:
-        raise ValueError("--prompts needs --prompt-batch module:callable (prompts -> host batch).")
     prompts = read_prompts(args.prompts)
     make_batch = resolve_object(args.prompt_batch, "--prompt-batch")
     return prompt_batches(prompts, make_batch, args.batch_size), args.num_samples or len(prompts)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags, checked before the (heavy) model is built: a ConfigError names the flag."""
+    from distill_mixins.errors import ConfigError, MissingFileError, config_errors
+
+    if args.data and args.num_samples is None:
+        raise ConfigError("--data needs --num-samples (the data may be endless).")
+    if args.prompts and not args.prompt_batch:
+        raise ConfigError("--prompts needs --prompt-batch module:callable (prompts -> host batch).")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise MissingFileError(f"--prompts {args.prompts} is not a file: give a text file, one prompt a line.")
+    if args.device is not None:
+        import torch
+
+        with config_errors("--device", also=(RuntimeError,)):  # torch.device("nope") raises a RuntimeError
+            torch.device(args.device)
+    _config(args, args.num_samples or 1, _given_path_times(args))
+
+
+def _config(args: argparse.Namespace, num_samples: int, path_times: tuple[float, ...] | None) -> Any:
+    """The :class:`KDDataConfig` of the flags; a bad value raises a ConfigError naming the field."""
+    from distill_mixins.data.kd_data import KDDataConfig
+    from distill_mixins.errors import config_errors
+
+    with config_errors():
+        return KDDataConfig(
+            num_samples=num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
+            shard_size=args.shard_size, batch_size=args.batch_size, path_times=path_times,
+            grid=args.grid, store_keys=tuple(args.store_keys.split(",")) if args.store_keys else None,
+            dtype=args.dtype, store_video=args.store_video, device=args.device,
+        )
 
 
 def _overwrite(out: Path) -> None:
@@ -51,30 +87,24 @@ def _overwrite(out: Path) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from loguru import logger
-
+    """Flags are checked first (a KDDataConfig without the model); the model factory, the generation and the
+    ODE pairs then run unwrapped: a config or dataset error is one line (distill_mixins.cli.main), a bug keeps its
+    traceback."""
     from distill_mixins.data.dataset import write_ode_pairs
-    from distill_mixins.data.kd_data import KDDataConfig, generate_kd_data
+    from distill_mixins.data.kd_data import generate_kd_data
     from distill_mixins.run_config import resolve_object
 
-    try:
-        model = resolve_object(args.model, "--model")()
-        batches, num_samples = _batches(args)
-        config = KDDataConfig(
-            num_samples=num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
-            shard_size=args.shard_size, batch_size=args.batch_size, path_times=_path_times(args, model),
-            grid=args.grid, store_keys=tuple(args.store_keys.split(",")) if args.store_keys else None,
-            dtype=args.dtype, store_video=args.store_video, device=args.device,
-        )
-        negative = resolve_object(args.negative, "--negative") if args.negative else None
-        if args.overwrite:
-            _overwrite(Path(args.out))
-        result = generate_kd_data(model, batches, args.out, config, negative=negative)
-        if args.ode_pairs:
-            write_ode_pairs(args.out, args.ode_pairs, prompt_key=args.prompt_key, reference_key=args.reference_key)
-    except (ValueError, TypeError) as error:
-        logger.error("{}", error)
-        return 1
+    _check_flags(args)
+    factory = resolve_object(args.model, "--model")
+    negative = resolve_object(args.negative, "--negative") if args.negative else None
+    model = factory()
+    batches, num_samples = _batches(args)
+    config = _config(args, num_samples, _path_times(args, model))
+    if args.overwrite:
+        _overwrite(Path(args.out))
+    result = generate_kd_data(model, batches, args.out, config, negative=negative)
+    if args.ode_pairs:
+        write_ode_pairs(args.out, args.ode_pairs, prompt_key=args.prompt_key, reference_key=args.reference_key)
     print(f"{result.num_samples} samples in {result.num_shards} shards ({result.generated_shards} generated, "
           f"{result.skipped_shards} already done), {result.samples_per_second:.1f} samples/s: {result.manifest}")
     return 0
@@ -109,7 +139,7 @@ def register(commands: Any) -> None:
     p.add_argument("--grid", choices=("karras", "shifted_rf", "uniform"), default=None)
     p.add_argument("--store-keys", help="comma-separated batch keys to store (default: every per-sample key)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--store-video", action="store_true", help="also store model.decode(teacher_x0) as 'video'")
+    p.add_argument("--store-video", action="store_true", help="also store model.decode(teacher_x0) as 'kd/video'")
     p.add_argument("--device", default=None, help="device of the teacher calls (default: the teacher's)")
     p.add_argument("--overwrite", action="store_true", help="delete the directory's shards and manifest first")
     p.add_argument("--ode-pairs", help="also write the per-sample ODE-pair layout to this directory")

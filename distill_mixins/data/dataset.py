@@ -22,12 +22,17 @@ from distill_mixins.data.kd_data import (
     FORMAT,
     MANIFEST,
     METADATA_KEY,
+    REGENERATE_COMMAND,
     KDDataError,
     load_manifest,
+    manifest_layout,
+    reserved_keys,
+    stored_names,
     verify_file,
     write_json_atomic,
     write_safetensors_atomic,
 )
+from distill_mixins.methods.kd import KD_NOISE, KD_PATH, KD_PATH_T, KD_SAMPLE_INDEX, KD_TEACHER_X0
 
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -53,10 +58,27 @@ def _metadata(handle: Any, path: Path) -> dict[str, Any]:
         raise KDDataError(f"{path} has no readable '{METADATA_KEY}' metadata ({error}): {REGENERATE}.") from error
 
 
+def _tensor_names(manifest: dict[str, Any], path: Path) -> dict[str, str]:
+    """``{key as read: key as stored}`` of a manifest's tensors: layout 1 stored the KD keys by their plain names
+    (``noise`` is read as ``kd/noise``); host keys keep their names in every layout."""
+    layout = manifest_layout(manifest, path)
+    stored = set(manifest["tensors"])
+    clash = reserved_keys(sorted({*stored, *manifest["strings"]}))
+    if layout == 1 and clash:
+        raise KDDataError(
+            f"{path} is in the old key layout 1 and its batch keys {clash} would read as KD keys: regenerate it with "
+            f"{REGENERATE_COMMAND}."
+        )
+    public = {name: key for key, name in stored_names(layout).items() if name in stored}
+    return {public.get(name, name): name for name in sorted(stored)}
+
+
 class KDShardDataset(Dataset):
-    """Samples of a KD dataset directory: ``dataset[i]`` is a dict of per-sample tensors (``noise``,
-    ``teacher_x0`` (C, T, H, W), ``path`` (K, C, T, H, W), ``path_t`` (K,), ``sample_index``, the stored condition
-    tensors) and strings (prompts), so a collated batch works with the host's ``get_data_and_condition``.
+    """Samples of a KD dataset directory: ``dataset[i]`` is a dict of per-sample tensors (``kd/noise``,
+    ``kd/teacher_x0`` (C, T, H, W), ``kd/path`` (K, C, T, H, W), ``kd/path_t`` (K,), ``kd/sample_index``) and the
+    host's stored tensors and strings (prompts) under the host's own keys, so a collated batch works with the host's
+    ``get_data_and_condition`` and with KD. A directory in the old key layout 1 (plain ``noise``, ``teacher_x0``,
+    ... keys, no manifest ``layout``) reads the same: its KD keys come back under the ``kd/`` names.
 
     Shards open lazily (memory-mapped, the ``cache_shards`` most recent kept open); each shard is checked on
     first use in a process: size and sha256 against the manifest (``verify``), then every tensor's shape and
@@ -76,7 +98,8 @@ class KDShardDataset(Dataset):
                            self.root, self.manifest.get("count"), self.manifest.get("num_samples"))
         self.verify = verify
         self.cache_shards = max(1, cache_shards)
-        self.tensor_spec: dict[str, dict[str, Any]] = self.manifest["tensors"]
+        self._stored = _tensor_names(self.manifest, self.root / MANIFEST)
+        self.tensor_spec: dict[str, dict[str, Any]] = {k: self.manifest["tensors"][v] for k, v in self._stored.items()}
         self.string_keys: list[str] = self.manifest["strings"]
         self._ends = []
         total = 0
@@ -97,7 +120,7 @@ class KDShardDataset(Dataset):
         s = bisect.bisect_right(self._ends, index)
         j = index - (self._ends[s - 1] if s else 0)
         shard = self._shard(s)
-        item: dict[str, Any] = {key: shard.handle.get_slice(key)[j : j + 1][0] for key in self.tensor_spec}
+        item: dict[str, Any] = {key: shard.handle.get_slice(name)[j : j + 1][0] for key, name in self._stored.items()}
         item.update({key: shard.strings[key][j] for key in self.string_keys})
         return item
 
@@ -135,17 +158,17 @@ class KDShardDataset(Dataset):
 
     def _check_tensors(self, handle: Any, path: Path, samples: int) -> None:
         """Each tensor's shape (samples, *manifest shape) and dtype, by the safetensors header."""
-        keys = set(handle.keys())
-        if keys != set(self.tensor_spec):
+        keys, listed = set(handle.keys()), set(self._stored.values())
+        if keys != listed:
             raise KDDataError(
-                f"{path} holds tensors {sorted(keys)}, the manifest lists {sorted(self.tensor_spec)}: {REGENERATE}."
+                f"{path} holds tensors {sorted(keys)}, the manifest lists {sorted(listed)}: {REGENERATE}."
             )
         for key, spec in self.tensor_spec.items():
-            view = handle.get_slice(key)
+            view = handle.get_slice(self._stored[key])
             shape, dtype = list(view.get_shape()), SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype())
             if shape != [samples, *spec["shape"]] or dtype != spec["dtype"]:
                 raise KDDataError(
-                    f"{path}: tensor '{key}' is {dtype} {shape}, the manifest says {spec['dtype']} "
+                    f"{path}: tensor '{self._stored[key]}' is {dtype} {shape}, the manifest says {spec['dtype']} "
                     f"{[samples, *spec['shape']]}: the shard and the manifest disagree; {REGENERATE}."
                 )
 
@@ -158,8 +181,9 @@ def write_ode_pairs(
     verify: bool = True,
 ) -> Path:
     """Write the causal pipeline's ODE-pair layout from a KD dataset generated with ``path_times``: one
-    ``pair-00000000.safetensors`` per sample (``clean_latent`` (C, T, H, W) = teacher x0, ``path`` (K, C, T, H, W),
-    ``path_t`` (K,), ``noise``, optional ``reference_video``; prompt text in the metadata) and ``ode_pairs.json``.
+    ``pair-00000000.safetensors`` per sample (``clean_latent`` (C, T, H, W) = ``kd/teacher_x0``, ``path``
+    (K, C, T, H, W) = ``kd/path``, ``path_t`` (K,), ``noise``, optional ``reference_video``; prompt text in the
+    metadata) and ``ode_pairs.json``.
     Returns the manifest's path."""
     source = KDShardDataset(kd_root, verify=verify)
     _check_pair_source(source, prompt_key, reference_key)
@@ -168,20 +192,16 @@ def write_ode_pairs(
     files = []
     for i in tqdm(range(len(source)), desc="ODE pairs", unit="sample"):
         item = source[i]
-        tensors = {"clean_latent": item["teacher_x0"], "path": item["path"], "path_t": item["path_t"],
-                   "noise": item["noise"]}
-        if reference_key is not None:
-            tensors["reference_video"] = item[reference_key]
-        meta = {"prompt": None if prompt_key is None else item[prompt_key], "sample_index": int(item["sample_index"])}
-        files.append(write_safetensors_atomic(out / f"pair-{int(item['sample_index']):08d}.safetensors", tensors, meta))
-    first = source[0]
+        tensors = _pair_tensors(item, reference_key)
+        index = int(item[KD_SAMPLE_INDEX])
+        meta = {"prompt": None if prompt_key is None else item[prompt_key], "sample_index": index}
+        files.append(write_safetensors_atomic(out / f"pair-{index:08d}.safetensors", tensors, meta))
     manifest = {
         "format": ODE_PAIRS_FORMAT, "source": str(Path(kd_root).resolve()),
         "teacher_hash": source.manifest["teacher_hash"], "path_times": source.manifest["path_times"],
         "prompt_key": prompt_key, "reference_key": reference_key, "count": len(files),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in sorted(
-            {"clean_latent": first["teacher_x0"], "path": first["path"], "path_t": first["path_t"],
-             "noise": first["noise"], **({"reference_video": first[reference_key]} if reference_key else {})}.items())},
+            _pair_tensors(source[0], reference_key).items())},
         "files": files,
     }
     path = out / ODE_PAIRS_MANIFEST
@@ -189,9 +209,20 @@ def write_ode_pairs(
     return path
 
 
+def _pair_tensors(item: dict[str, Any], reference_key: str | None) -> dict[str, Tensor]:
+    """The ODE-pair file's tensors of one KD sample (the pair layout keeps its own plain names)."""
+    tensors = {"clean_latent": item[KD_TEACHER_X0], "path": item[KD_PATH], "path_t": item[KD_PATH_T],
+               "noise": item[KD_NOISE]}
+    if reference_key is not None:
+        tensors["reference_video"] = item[reference_key]
+    return tensors
+
+
 def _check_pair_source(source: KDShardDataset, prompt_key: str | None, reference_key: str | None) -> None:
-    if "path" not in source.tensor_spec:
-        raise KDDataError(f"{source.root} has no ODE 'path': generate it with KDDataConfig.path_times (--path-times).")
+    if KD_PATH not in source.tensor_spec:
+        raise KDDataError(
+            f"{source.root} has no ODE '{KD_PATH}': generate it with KDDataConfig.path_times (--path-times)."
+        )
     if prompt_key is not None and prompt_key not in source.string_keys:
         raise KDDataError(
             f"{source.root} has no string key '{prompt_key}' (it has {source.string_keys}): pass the key of the "
@@ -200,7 +231,7 @@ def _check_pair_source(source: KDShardDataset, prompt_key: str | None, reference
     if reference_key is not None and reference_key not in source.tensor_spec:
         raise KDDataError(
             f"{source.root} has no tensor '{reference_key}' (it has {sorted(source.tensor_spec)}): pass a stored "
-            "key (e.g. 'video' with store_video, or a stored control video) or reference_key=None."
+            "key (e.g. 'kd/video' with store_video, or a stored control video) or reference_key=None."
         )
 
 

@@ -3,12 +3,14 @@
 :func:`generate_kd_data` runs the teacher's multi-step ODE sampler (CFG in the standard form
 ``x0_u + w (x0_c - x0_u)``) over the user's batches and writes a dataset directory (docs/kd_data.md):
 
-- ``shard-00000.safetensors``, ...: per sample (leading dimension) ``sample_index`` (int64), ``noise`` and
-  ``teacher_x0`` (C, T, H, W), optionally ``path`` (K, C, T, H, W) and ``path_t`` (K,) float64, optionally
-  ``video``, and the stored condition tensors of the user's batch under their own keys; per-sample strings
-  (prompts) in the safetensors metadata (one key, ``distill_mixins``, a JSON object).
-- ``manifest.json``: teacher hash, sampler settings, grid, per-sample shapes and dtypes, and the finished
-  shards with their sizes and sha256 checksums.
+- ``shard-00000.safetensors``, ...: per sample (leading dimension) the generator's fields under the reserved
+  prefix ``kd/`` (:data:`~distill_mixins.methods.kd.KD_KEYS`): ``kd/sample_index`` (int64), ``kd/noise`` and
+  ``kd/teacher_x0`` (C, T, H, W), optionally ``kd/path`` (K, C, T, H, W) and ``kd/path_t`` (K,) float64,
+  optionally ``kd/video``; next to them the stored tensors of the user's batch under their own keys (``video``,
+  ``noise``, ... are the user's); per-sample strings (prompts) in the safetensors metadata (one key,
+  ``distill_mixins``, a JSON object).
+- ``manifest.json``: ``layout`` (:data:`LAYOUT`), teacher hash, sampler settings, grid, per-sample shapes and
+  dtypes, and the finished shards with their sizes and sha256 checksums.
 
 Shards and the manifest are written to a temporary file, fsync'ed and renamed, so a killed run never
 leaves a half-written file under a final name; a re-run skips the shards the manifest lists and verifies.
@@ -37,6 +39,17 @@ from tqdm import tqdm
 from distill_mixins.checkpointer.files import file_problem, fsync_dir, fsync_file, sha256_file
 from distill_mixins.config import check_choice, check_positive
 from distill_mixins.core import DistillBatch
+from distill_mixins.methods.kd import (
+    KD_KEYS,
+    KD_NOISE,
+    KD_PATH,
+    KD_PATH_T,
+    KD_PREFIX,
+    KD_SAMPLE_INDEX,
+    KD_TEACHER_X0,
+    KD_VIDEO,
+    plain_name,
+)
 from distill_mixins.sampling import GRIDS, sample_ode_states, time_grid
 from distill_mixins.trainer.seeding import mixed_seed
 from distill_mixins.trigflow import max_time
@@ -48,8 +61,14 @@ SAMPLER_NAMES = ("heun", "euler", "ddim")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
-OUTPUT_KEYS = ("sample_index", "noise", "teacher_x0", "path", "path_t", "video")
-"""Keys the generator writes; a stored batch key must not use one of them."""
+OUTPUT_KEYS = KD_KEYS
+"""Keys the generator writes, all under the prefix ``kd/``; a stored batch key must not start with it."""
+LAYOUT = 2
+"""Key layout of a dataset (manifest ``layout``): 2 puts the generator's keys under ``kd/``; 1 (manifests without
+``layout``) used plain names (``noise``, ``teacher_x0``, ...), which read as the ``kd/`` keys but cannot be resumed."""
+REGENERATE_COMMAND = (
+    "`distill-mixins generate-kd-data --out NEW_DIR ...` (or generate_kd_data(model, batches, NEW_DIR, config))"
+)
 PAUSE_ENV = "DISTILL_MIXINS_KD_TEST_PAUSE_S"
 """Test-only hook: seconds to sleep after each finished shard (lets a test SIGKILL a run between shards)."""
 
@@ -80,16 +99,16 @@ class KDDataConfig:
     batch_size: int = 16
     """Samples per teacher call (the teacher's batch size)."""
     path_times: tuple[float, ...] | None = None
-    """Descending TrigFlow times at which to store the ODE state (``path``), e.g. ``model.student_times()``."""
+    """Descending TrigFlow times at which to store the ODE state (``kd/path``), e.g. ``model.student_times()``."""
     grid: str | None = None
     """Teacher time grid: ``karras``, ``shifted_rf``, ``uniform``; None: karras for EDM hosts, else shifted_rf
     (as ``generate_teacher``)."""
     store_keys: tuple[str, ...] | None = None
     """Batch keys stored per sample; None: every key whose value has one entry per sample."""
     dtype: str = "float32"
-    """Storage dtype of noise, teacher_x0, path and video (the noise is rounded to it before sampling)."""
+    """Storage dtype of kd/noise, kd/teacher_x0, kd/path and kd/video (the noise is rounded to it before sampling)."""
     store_video: bool = False
-    """Also store ``video = model.decode(teacher_x0)`` (needs a host ``decode``)."""
+    """Also store ``kd/video = model.decode(teacher_x0)`` (needs a host ``decode``)."""
     device: str | None = None
     """Device of the teacher calls; None: the teacher's device."""
 
@@ -134,11 +153,11 @@ class KDDataConfig:
         keys = tuple(self.store_keys)
         if not keys or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
             raise ValueError(f"KDDataConfig.store_keys={self.store_keys!r} must be distinct non-empty strings or None.")
-        clash = [k for k in keys if k in OUTPUT_KEYS]
+        clash = reserved_keys(keys)
         if clash:
             raise ValueError(
-                f"KDDataConfig.store_keys has {clash}, which the generator writes itself ({', '.join(OUTPUT_KEYS)}); "
-                "rename that batch key."
+                f"KDDataConfig.store_keys has {clash}, which use the prefix '{KD_PREFIX}' of the keys the generator "
+                "writes itself; rename that batch key."
             )
         self.store_keys = keys
 
@@ -163,6 +182,40 @@ class TeacherGrid:
 
     times: Tensor
     path_indices: tuple[int, ...]
+
+
+def reserved_keys(keys: Iterable[Any]) -> list[Any]:
+    """The batch keys that use the generator's reserved prefix ``kd/``."""
+    return [k for k in keys if isinstance(k, str) and k.startswith(KD_PREFIX)]
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def manifest_layout(manifest: Mapping[str, Any], path: Path) -> int:
+    """The key layout of a manifest: its ``layout``, 1 when it has none (written before ``kd/`` keys)."""
+    layout = manifest.get("layout", 1)
+    if layout not in (1, LAYOUT):
+        raise KDDataError(
+            f"{path} has key layout {layout!r}, which this distill-mixins (layout {LAYOUT}) does not know: upgrade "
+            f"distill-mixins, or regenerate the data with {REGENERATE_COMMAND}."
+        )
+    return layout
+
+
+def stored_names(layout: int) -> dict[str, str]:
+    """``{KD key: the name a shard of this layout stores it under}``: layout 1 used the plain names."""
+    return {key: plain_name(key) if layout == 1 else key for key in KD_KEYS}
+
+
+def check_resumable(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Raise KDDataError when the dataset at ``path`` has another key layout than this version writes."""
+    if manifest_layout(manifest, path) != LAYOUT:
+        raise KDDataError(
+            f"{path} holds KD data in the old key layout 1 (plain keys 'noise', 'teacher_x0', ...), which cannot "
+            f"be resumed or extended without mixing layouts: regenerate it with {REGENERATE_COMMAND}, or pass "
+            "--overwrite to replace it."
+        )
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -390,9 +443,12 @@ class SampleStream:
             dropped = [k for k in batch if k not in self.keys]
             if dropped:
                 logger.warning("KD data: batch keys {} have no per-sample entries and are not stored", dropped)
-            clash = [k for k in self.keys if k in OUTPUT_KEYS]
+            clash = reserved_keys(self.keys)
             if clash:
-                raise KDDataError(f"batch keys {clash} collide with the KD data keys; set KDDataConfig.store_keys.")
+                raise KDDataError(
+                    f"batch keys {clash} collide with the KD data keys (the generator owns the prefix '{KD_PREFIX}'): "
+                    "rename them, or leave them out with KDDataConfig.store_keys."
+                )
         missing = [k for k in self.keys if k not in batch]
         if missing:
             raise KDDataError(f"batch has no {missing} (it has {sorted(batch)}): fix KDDataConfig.store_keys.")
@@ -488,11 +544,11 @@ def _teacher_chunk(run: _Run, samples: dict[str, Any], indices: list[int]) -> di
         denoise, noise, run.grid.times, sigma_data=model.sigma_data, record=run.grid.path_indices,
         sampler=config.sampler,
     )
-    out = {"noise": noise, "teacher_x0": x0}
+    out = {KD_NOISE: noise, KD_TEACHER_X0: x0}
     if config.path_times is not None:
-        out["path"] = path
+        out[KD_PATH] = path
     if config.store_video:
-        out["video"] = model.decode(x0)
+        out[KD_VIDEO] = model.decode(x0)
     return out
 
 
@@ -505,9 +561,9 @@ def _generate_shard(run: _Run, samples: dict[str, Any], first: int, n: int) -> t
         for key, value in chunk.items():
             parts.setdefault(key, []).append(value)
     tensors = {key: torch.cat(values).to(run.dtype).cpu() for key, values in parts.items()}
-    tensors["sample_index"] = torch.arange(first, first + n, dtype=torch.int64)
+    tensors[KD_SAMPLE_INDEX] = torch.arange(first, first + n, dtype=torch.int64)
     if run.config.path_times is not None:
-        tensors["path_t"] = torch.tensor(run.config.path_times, dtype=torch.float64).expand(n, -1).clone()
+        tensors[KD_PATH_T] = torch.tensor(run.config.path_times, dtype=torch.float64).expand(n, -1).clone()
     strings: dict[str, list[Any]] = {}
     for key, value in samples.items():
         if isinstance(value, Tensor):
@@ -540,6 +596,7 @@ def _identity(model: Any, run: _Run) -> dict[str, Any]:
     negative = None if run.negative is None else getattr(run.negative, "__qualname__", type(run.negative).__name__)
     return {
         "format": FORMAT,
+        "layout": LAYOUT,
         "teacher_hash": digest,
         "teacher_hash_kind": kind,
         "model_class": type(model).__qualname__,
@@ -632,9 +689,10 @@ def generate_kd_data(
     shards plus ``manifest.json`` to ``out_dir``; re-running resumes (finished, verified shards are skipped).
 
     ``model`` is a composed distillation model (a ``DistillationCoreMixin`` subclass); ``batches`` an iterable of
-    host batches (dicts; e.g. :func:`prompt_batches`). ``negative(data)`` gives a negative condition replacing
-    the host's uncondition. With ``config.path_times`` the ODE states at those times are stored as ``path``
-    (B, K, C, T, H, W) with ``path[:, 0]`` the start state.
+    host batches (dicts; e.g. :func:`prompt_batches`) whose keys are stored as they are (any name but the reserved
+    prefix ``kd/``). ``negative(data)`` gives a negative condition replacing the host's uncondition. With
+    ``config.path_times`` the ODE states at those times are stored as ``kd/path`` (B, K, C, T, H, W) with
+    ``path[:, 0]`` the start state. A directory in the old key layout 1 is refused (:func:`check_resumable`).
     """
     if config.store_video and not callable(getattr(model, "decode", None)):
         raise KDDataError(
@@ -642,15 +700,17 @@ def generate_kd_data(
             "set store_video=False or add a decode method to the host."
         )
     out = Path(out_dir)
+    manifest_path = out / MANIFEST
+    old = load_manifest(out) if manifest_path.exists() else None
+    if old is not None:
+        check_resumable(manifest_path, old)
     out.mkdir(parents=True, exist_ok=True)
     _clean_tmp(out)
     device = torch.device(config.device) if config.device else _teacher_device(model.net_teacher)
     run = _Run(model, config, teacher_grid(model, config), device, STORAGE_DTYPES[config.dtype], negative)
-    manifest_path = out / MANIFEST
     identity = _identity(model, run)
     manifest: dict[str, Any] = {**identity, "shards": []}
-    if manifest_path.exists():
-        old = load_manifest(out)
+    if old is not None:
         _check_identity(manifest_path, old, identity)
         manifest = {**old, **identity}
     plan = _plan(config.num_samples, config.shard_size)

@@ -6,7 +6,11 @@ import argparse
 import shlex
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
+
+from distill_mixins.errors import ConfigError, MissingFileError, config_errors
+from distill_mixins.precision import PRECISIONS
 
 
 def _toy_teacher(args: argparse.Namespace) -> int:
@@ -15,17 +19,68 @@ def _toy_teacher(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name, None) for f in fields(TeacherTrainConfig)}
     values = {name: value for name, value in given.items() if value is not None}
     command = "distill-mixins " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "distill-mixins toy-teacher"
-    path = train_toy_teacher(args.out, TeacherTrainConfig(**values), command=command)
+    with config_errors():
+        config = TeacherTrainConfig(**values)
+    path = train_toy_teacher(args.out, config, command=command)
     print(f"toy teacher: {path}")
     return 0
 
 
+def _check_samples(args: argparse.Namespace) -> None:
+    """``toy-teacher-samples``' flags, checked before the teacher is loaded."""
+    for flag, value, low, high in (("--clips", args.clips, 1, None), ("--again", args.again, 1, args.clips),
+                                   ("--steps", args.steps, 1, None)):
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}] (--clips)"
+            raise ConfigError(f"toy-teacher-samples {flag}={value} must be {bound}.")
+    if args.teacher_weights is not None and not Path(args.teacher_weights).is_file():
+        raise MissingFileError(f"--teacher-weights {args.teacher_weights} is not a file: give a toy teacher "
+                               "safetensors file (`distill-mixins toy-teacher` writes one), or leave it out.")
+
+
+def _teacher_samples(args: argparse.Namespace) -> int:
+    from distill_mixins.methods import KDConfig
+    from distill_mixins.toy.demo import ToyKD
+    from distill_mixins.toy.evalset import make_teacher_samples, teacher_settings, write_teacher_samples
+    from distill_mixins.toy.train import WEIGHTS, load_toy_teacher
+
+    _check_samples(args)
+    weights = args.teacher_weights or WEIGHTS
+    teacher = load_toy_teacher(weights)
+    model = ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig())
+    settings = teacher_settings(weights, args.steps, args.guidance)
+    samples = make_teacher_samples(model, settings, clips=args.clips, again=args.again)
+    samples.metadata["command"] = "distill-mixins " + shlex.join(sys.argv[1:])
+    print(f"teacher samples: {write_teacher_samples(args.out, samples)}")
+    return 0
+
+
 def register(commands: Any) -> None:
-    """Add the ``toy-teacher`` subcommand."""
+    """Add the ``toy-teacher`` and ``toy-teacher-samples`` subcommands."""
     parser = commands.add_parser("toy-teacher", help="train the toy Video2World teacher from scratch (CPU)")
     parser.add_argument("--out", default="runs/toy-teacher", help="run directory (default: %(default)s); resumable")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default 3000)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="clips per step (default 48)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 6e-4)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=None,
+        help="auto: bf16 autocast where the CPU computes it natively (AMX, AVX512-BF16), float32 otherwise "
+        "(default auto; the shipped weights: bf16)",
+    )
+    parser.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
+                        help="the same as --precision fp32")
     parser.set_defaults(func=_toy_teacher)
+    samples = commands.add_parser(
+        "toy-teacher-samples",
+        help="sample the toy teacher (36 steps, CFG) on the demo's held-out conditions in float32 (the shipped set)",
+    )
+    samples.add_argument("--out", required=True, help="output file (the shipped one: "
+                         "distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz)")
+    samples.add_argument("--teacher-weights", dest="teacher_weights", default=None, help="default: the shipped teacher")
+    samples.add_argument("--clips", type=int, default=1024, help="held-out conditions (default %(default)s)")
+    samples.add_argument("--again", type=int, default=32,
+                         help="conditions sampled a second time for diversity (default %(default)s)")
+    samples.add_argument("--steps", type=int, default=36, help="DDIM steps (default %(default)s)")
+    samples.add_argument("--guidance", type=float, default=3.0, help="CFG scale w (default %(default)s)")
+    samples.set_defaults(func=_teacher_samples)

@@ -119,6 +119,10 @@ class ToyClips:
     def __len__(self) -> int:
         return self.video.shape[0]
 
+    def head(self, n: int) -> ToyClips:
+        """The first ``n`` clips."""
+        return ToyClips(self.video[:n], self.prompts[:n], self.specs[:n])
+
 
 def sample_specs(n: int, generator: torch.Generator, size: int = SIZE, radius: float = RADIUS) -> list[ClipSpec]:
     """``n`` random clip specs: uniform colour, shape, direction and speed, start anywhere the shape fits."""

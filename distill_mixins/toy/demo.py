@@ -20,9 +20,9 @@ Stages (each resumable: a re-run in the same directory skips what is done):
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +30,45 @@ from typing import Any
 import torch
 from loguru import logger
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
-from distill_mixins.precision import matmul_weights_in
+from distill_mixins.precision import PrecisionReport, autocast, check_precision, frozen_weights_for, resolve_precision
 from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.evalset import (
+    AGAIN_SEED,
+    NOISE_SEED,
+    REFERENCE_SEED,
+    Sampler,
+    SpotCheck,
+    TeacherSamples,
+    eval_noise,
+    held_out,
+    run_sampler,
+    spot_check,
+    teacher_sampler,
+    teacher_settings,
+    usable_samples,
+)
 from distill_mixins.toy.host import ToyVideo2World
 from distill_mixins.toy.symmetry import SymmetricPairs
-from distill_mixins.toy.train import load_toy_teacher
-from distill_mixins.trainer import DataSource, DistillationTrainer, FunctionData, MapStyleData, TrainerConfig
+from distill_mixins.toy.train import WEIGHTS, load_toy_teacher
+from distill_mixins.trainer import (
+    DataSource,
+    DistillationTrainer,
+    FunctionData,
+    MapStyleData,
+    TrainerConfig,
+    TrainResult,
+)
+from distill_mixins.trainer.signals import Signalled, raise_on_signal
 from distill_mixins.trigflow import native_to_trigflow_time
 
-TRAIN_SEED, EVAL_SEED, REFERENCE_SEED, DMD2_SEED, REFINE_SEED = 1, 1_000_001, 2_000_002, 3_000_003, 4_000_004
-"""Seeds of the clip sets: KD conditions, held-out evaluation conditions, held-out reference clips, DMD2, refined
-KD."""
+TRAIN_SEED, DMD2_SEED, REFINE_SEED = 1, 3_000_003, 4_000_004
+"""Seeds of the training clip sets: KD conditions, DMD2, refined KD (the held-out sets' seeds are in
+:mod:`distill_mixins.toy.evalset`)."""
 
 
 class ToyKD(KDMixin, ToyVideo2World):
@@ -63,47 +85,55 @@ class ToyRefinedKD(RefinedKDMixin, ToyVideo2World):
 
 @dataclass
 class DemoConfig:
-    """Sizes and settings of the demo (defaults: the full run, under 10 minutes on 2 CPU cores)."""
+    """Sizes and settings of the demo (defaults: the full run, under 10 minutes on 2 CPU cores in float32)."""
 
     out: str = "runs/demo"
-    pairs: int = 512
+    pairs: int = 256
     """KD teacher pairs (36-step CFG samples)."""
     eval_clips: int = 1024
     """Held-out conditions evaluated per sampler (and as many reference clips)."""
     diversity_clips: int = 32
     """Conditions sampled twice for the diversity figure."""
+    spot_check: int = 32
+    """Held-out conditions the teacher re-samples in every run to check the shipped teacher samples and time the
+    teacher (:mod:`distill_mixins.toy.evalset`)."""
+    fresh_teacher: bool = False
+    """Sample the 36-step teacher on every held-out condition instead of reading the shipped samples (slow)."""
     teacher_steps: int = 36
+    """DDIM steps of the teacher (its KD pairs and its evaluation)."""
     guidance: float = 3.0
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
-    kd_iterations: int = 250
-    dmd2_iterations: int = 100
+    kd_iterations: int = 300
+    dmd2_iterations: int = 150
     dmd2_refine_weight: float = 20.0
     """Weight of DMD2's refine term (:class:`~distill_mixins.methods.DMD2Config` ``refine_weight``, re-noised to
     ``refine_tau``, ``refine_teacher_steps`` teacher steps); 0 runs plain DMD2."""
-    refine_iterations: int = 160
+    refine_iterations: int = 240
     """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage."""
     refine_tau: float = 0.35
     """Rectified-flow time the student's sample is re-noised to (0.35: 65% signal)."""
-    refine_teacher_steps: int = 4
+    refine_teacher_steps: int = 2
     """Teacher DDIM steps from the re-noised student sample to 0."""
     refine_lr: float = 1e-4
     kd_symmetries: bool = False
     """Move every KD pair by a random rotation or reflection of the square frame (8x the pairs): KD then keeps
     improving past the default iterations instead of memorising its pairs (docs/toy.md)."""
-    batch_size: int = 32
+    batch_size: int = 16
     sample_batch: int = 64
     kd_lr: float = 2e-4
     dmd2_student_lr: float = 1e-5
     dmd2_critic_lr: float = 1e-4
-    dmd2_student_update_freq: int = 2
-    bf16: bool = True
+    dmd2_student_update_freq: int = 3
+    precision: str = "auto"
+    """``auto`` (bf16 where the CPU computes it natively, float32 otherwise), ``bf16`` or ``fp32``
+    (:mod:`distill_mixins.precision`)."""
     seed: int = 0
     teacher_weights: str | None = None
     """Path of toy teacher weights; None: the shipped ones."""
 
     def __post_init__(self) -> None:
         for name in (
-            "pairs", "eval_clips", "diversity_clips", "teacher_steps", "batch_size", "sample_batch",
+            "pairs", "eval_clips", "diversity_clips", "spot_check", "teacher_steps", "batch_size", "sample_batch",
             "refine_teacher_steps",
         ):
             if getattr(self, name) < 1:
@@ -117,30 +147,37 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.refine_tau={self.refine_tau} must be a rectified-flow time in (0, 1).")
         if self.diversity_clips > self.eval_clips:
             raise ValueError(f"DemoConfig.diversity_clips={self.diversity_clips} exceeds eval_clips={self.eval_clips}.")
+        check_precision(self.precision, "DemoConfig.precision")
+        if self.teacher_weights is not None and not Path(self.teacher_weights).is_file():
+            raise ValueError(f"DemoConfig.teacher_weights={self.teacher_weights!r} is not a file: give the path of a "
+                             "toy teacher safetensors file (`distill-mixins toy-teacher` writes one), or leave it "
+                             "unset.")
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A CI-sized run (about a minute): few pairs, iterations and evaluation clips."""
         values: dict[str, Any] = {
-            "out": "runs/demo-quick", "pairs": 128, "eval_clips": 128, "diversity_clips": 32, "kd_iterations": 40,
-            "dmd2_iterations": 10, "refine_iterations": 10,
+            "out": "runs/demo-quick", "pairs": 64, "eval_clips": 128, "diversity_clips": 32, "kd_iterations": 40,
+            "dmd2_iterations": 12, "refine_iterations": 10, "spot_check": 16,
         }
         return cls(**{**values, **overrides})
 
 
-def autocast(config: DemoConfig) -> AbstractContextManager[Any]:
-    """bf16 autocast on the CPU when enabled (about 2x faster sampling here)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if config.bf16 else nullcontext()
+class DemoStopped(Exception):
+    """A signal stopped the demo in ``stage`` (its checkpoint, if it trains, is saved); run it again to resume."""
+
+    def __init__(self, stage: str, signal_number: int, detail: str = "") -> None:
+        self.stage, self.signal_number = stage, signal_number
+        name = signal.Signals(signal_number).name
+        super().__init__(f"the demo stopped on {name} in stage '{stage}'{detail}; run the same command again to "
+                         "resume (finished stages are skipped, the interrupted one continues)")
 
 
-def frozen_bf16(config: DemoConfig, *nets: nn.Module) -> AbstractContextManager[Any]:
-    """Frozen networks hold bf16 conv/linear weights while sampling under bf16 autocast (bit-identical results,
-    no per-call weight casts: :func:`~distill_mixins.precision.matmul_weights_in`)."""
-    stack = ExitStack()
-    if config.bf16:
-        for net in nets:
-            stack.enter_context(matmul_weights_in(net))
-    return stack
+def check_finished(stage: str, result: TrainResult) -> None:
+    """Raise :class:`DemoStopped` when a training stage did not complete: no later stage may start from it."""
+    if not result.completed:
+        raise DemoStopped(stage, result.signal_number or int(signal.SIGTERM),
+                          f" after iteration {result.iteration} (checkpoint {result.checkpoint})")
 
 
 def clip_batches(n: int, seed: int, batch: int) -> Iterator[dict[str, Any]]:
@@ -157,39 +194,36 @@ def _optimizer(lr: float) -> OptimizerConfig:
 def _trainer_config(config: DemoConfig, stage: str, iterations: int) -> TrainerConfig:
     return TrainerConfig(
         iterations=iterations, run_dir=str(Path(config.out) / stage), batch_size=config.batch_size,
-        autocast="bf16" if config.bf16 else "none", seed=config.seed, log_every=50, save_every=200, keep_last=1,
+        autocast="bf16" if resolve_precision(config.precision) == "bf16" else "none", seed=config.seed, log_every=50,
+        save_every=200, keep_last=1,
     )
 
 
-@dataclass
-class KDStage:
-    """The KD model and the seconds of stages 1 (teacher pairs) and 2 (KD)."""
-
-    model: ToyKD
-    data_s: float
-    kd_s: float
-
-
-def run_kd(config: DemoConfig, teacher: ToyVideo2World) -> KDStage:
-    """Stages 1 and 2: the teacher's KD pairs, then KD."""
-    model = ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig(
+def kd_model(config: DemoConfig, teacher: ToyVideo2World) -> ToyKD:
+    """The KD model on the teacher (AdamW, EMA half-life 50)."""
+    return ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig(
         student_optimizer=_optimizer(config.kd_lr), ema=EMAConfig(halflife_steps=50.0),
     ))
+
+
+def make_kd_data(config: DemoConfig, model: ToyKD) -> Path:
+    """Stage 1: the teacher's KD pairs (36 DDIM steps, CFG) on ``pairs`` training conditions; resumable."""
     data_dir = Path(config.out) / "kd_data"
-    tic = time.perf_counter()
     data_config = KDDataConfig(
         num_samples=config.pairs, steps=config.teacher_steps, sampler="ddim", guidance=config.guidance,
         seed=config.seed, shard_size=256, batch_size=config.sample_batch,
     )
-    with autocast(config), frozen_bf16(config, model.net_teacher):
+    with autocast(config.precision), frozen_weights_for(config.precision, model.net_teacher):
         generate_kd_data(model, clip_batches(config.pairs, TRAIN_SEED, config.sample_batch), data_dir, data_config)
-    data_seconds = time.perf_counter() - tic
-    tic = time.perf_counter()
+    return data_dir
+
+
+def run_kd(config: DemoConfig, model: ToyKD, data_dir: Path) -> None:
+    """Stage 2: KD on the pairs (each moved by a random symmetry with ``kd_symmetries``)."""
     pairs: DataSource = MapStyleData(KDShardDataset(data_dir), config.batch_size, seed=config.seed)
     if config.kd_symmetries:
         pairs = SymmetricPairs(pairs, seed=config.seed)
-    DistillationTrainer(model, pairs, _trainer_config(config, "kd", config.kd_iterations)).fit()
-    return KDStage(model, data_seconds, time.perf_counter() - tic)
+    check_finished("kd", DistillationTrainer(model, pairs, _trainer_config(config, "kd", config.kd_iterations)).fit())
 
 
 def dmd2_config(config: DemoConfig) -> DMD2Config:
@@ -215,22 +249,23 @@ def conditions(seed: int, batch: int) -> FunctionData:
 
 def train_on_conditions(
     config: DemoConfig, model: ToyDMD2 | ToyRefinedKD, student: nn.Module, seed: int, stage: str, iterations: int
-) -> float:
+) -> None:
     """Load ``student`` into ``model`` (its raw weights: measured better than its EMA here) and train it on fresh
-    procedural conditions drawn from ``seed`` under ``runs/<out>/<stage>``; returns the seconds it took."""
+    procedural conditions drawn from ``seed`` under ``runs/<out>/<stage>``."""
     model.load_student_state_dict(student.state_dict())
-    tic = time.perf_counter()
-    with frozen_bf16(config, model.net_teacher):  # the teacher only runs without gradients in these stages (no GAN)
-        DistillationTrainer(
+    # the teacher only runs without gradients in these stages (no GAN)
+    with frozen_weights_for(config.precision, model.net_teacher):
+        result = DistillationTrainer(
             model, conditions(seed, config.batch_size), _trainer_config(config, stage, iterations)
         ).fit()
-    return time.perf_counter() - tic
+    check_finished(stage, result)
 
 
-def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyDMD2, float]:
+def run_dmd2(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> ToyDMD2:
     """Stage 4: DMD2 from the previous stage's student."""
     model = ToyDMD2(teacher.net, teacher.text_encoder, distill=dmd2_config(config))
-    return model, train_on_conditions(config, model, student, DMD2_SEED, "dmd2", config.dmd2_iterations)
+    train_on_conditions(config, model, student, DMD2_SEED, "dmd2", config.dmd2_iterations)
+    return model
 
 
 def refine_time(config: DemoConfig) -> float:
@@ -248,61 +283,25 @@ def refined_kd_config(config: DemoConfig) -> RefinedKDConfig:
     )
 
 
-def run_refine(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> tuple[ToyRefinedKD, float]:
+def run_refine(config: DemoConfig, teacher: ToyVideo2World, student: nn.Module) -> ToyRefinedKD:
     """Stage 3: refined KD from the KD student (:mod:`distill_mixins.methods.refined_kd`)."""
     model = ToyRefinedKD(teacher.net, teacher.text_encoder, distill=refined_kd_config(config))
-    return model, train_on_conditions(config, model, student, REFINE_SEED, "refined_kd", config.refine_iterations)
+    train_on_conditions(config, model, student, REFINE_SEED, "refined_kd", config.refine_iterations)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 Student = ToyKD | ToyDMD2 | ToyRefinedKD
 """The model of the last stage run (its ``net`` is the student)."""
-Sampler = Callable[[Any, Any, Tensor], Tensor]
-"""``(condition, uncondition, noise) -> latent x0`` (B, C, T, H, W)."""
-
-
-@dataclass
-class SamplerRun:
-    """Decoded clips (N, 3, T, H, W) of one sampler, its network evaluations and latency per clip."""
-
-    clips: Tensor
-    nfe: int
-    latency_s_per_clip: float
-
-
-@torch.no_grad()
-def run_sampler(
-    model: Student, sampler: Sampler, nfe: int, clips: Tensor, prompts: list[str], config: DemoConfig,
-    *, noise_seed: int, desc: str,
-) -> SamplerRun:
-    """Sample every condition (first frame + prompt) of ``clips`` in batches of ``config.sample_batch``; the time
-    counts the sampler only (conditions are prepared before the clock starts)."""
-    outs, seconds = [], 0.0
-    generator = torch.Generator().manual_seed(noise_seed)
-    for start in tqdm(range(0, len(prompts), config.sample_batch), desc=desc, unit="batch", leave=False):
-        stop = start + config.sample_batch
-        batch = {"clip": clips[start:stop], "prompt": prompts[start:stop]}
-        x0, condition, uncondition = model.get_data_and_condition(batch)
-        noise = torch.randn(x0.shape, generator=generator)
-        tic = time.perf_counter()
-        with autocast(config):
-            latent = sampler(condition, uncondition, noise)
-        seconds += time.perf_counter() - tic
-        outs.append(model.decode(latent.float()))
-    return SamplerRun(torch.cat(outs), nfe, seconds / len(prompts))
 
 
 def samplers(model: Student, config: DemoConfig) -> dict[str, tuple[Sampler, int]]:
     """The evaluated samplers and their network evaluations per clip."""
     w, steps = config.guidance, config.teacher_steps
-
-    def teacher(n: int) -> Sampler:
-        return lambda c, u, noise: model.generate_teacher(c, noise, uncondition=u, guidance=w, steps=n, sampler="ddim")
-
     return {
-        "teacher_36step_cfg": (teacher(steps), 2 * steps),
-        "teacher_1step": (teacher(1), 2),
+        "teacher_36step_cfg": (teacher_sampler(model, steps, w), 2 * steps),
+        "teacher_1step": (teacher_sampler(model, 1, w), 2),
         "student_1step": (lambda c, u, noise: model.generate(c, noise), 1),
     }
 
@@ -330,12 +329,17 @@ class DemoResult:
     elapsed_s: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    precision: dict[str, Any] = field(default_factory=dict)
+    """What ran: requested and resolved precision, the CPU's bf16 support (:class:`PrecisionReport`)."""
+    teacher_samples: dict[str, Any] = field(default_factory=dict)
+    """Where the 36-step teacher's clips came from (``shipped`` with its spot check, or ``sampled``)."""
 
     def to_json(self) -> dict[str, Any]:
         """``metrics.json``: one entry per sampler, then the top-level figures."""
         out: dict[str, Any] = {name: asdict(m) for name, m in self.samplers.items()}
         out |= {"fd_floor": self.fd_floor, "gap_closed": self.gap_closed, "speedup_wall": self.speedup_wall,
-                "elapsed_s": self.elapsed_s, "stage_seconds": self.stage_seconds, "config": self.config}
+                "elapsed_s": self.elapsed_s, "stage_seconds": self.stage_seconds, "precision": self.precision,
+                "teacher_samples": self.teacher_samples, "config": self.config}
         return out
 
 
@@ -347,13 +351,63 @@ def gap_closed(fd_teacher_1step: float, fd_student: float, fd_teacher: float) ->
 
 @dataclass
 class Evaluation:
-    """Figures of every sampler, the real-vs-real FD floor, the decoded clips (N, 3, T, H, W) of every sampler (and
-    ``ground_truth``), and the held-out prompts."""
+    """Figures of every sampler, the real-vs-real FD floor, the 8-bit clips (N, 3, T, H, W) of every sampler (and
+    ``ground_truth``) as floats, the held-out prompts, and where the teacher's clips came from."""
 
     figures: dict[str, SamplerMetrics]
     fd_floor: float
     clips: dict[str, Tensor]
     prompts: list[str]
+    teacher_samples: dict[str, Any]
+
+
+@dataclass
+class Generated:
+    """One sampler's clips on the held-out conditions (N, ...) and on the first K with the second noise (K, ...),
+    and its sampling seconds per clip."""
+
+    clips: Tensor
+    again: Tensor
+    latency_s_per_clip: float
+
+
+def shipped_teacher(config: DemoConfig) -> TeacherSamples | None:
+    """The shipped 36-step teacher samples, when this run may use them (see :mod:`distill_mixins.toy.evalset`)."""
+    if config.fresh_teacher:
+        return None
+    settings = teacher_settings(config.teacher_weights or WEIGHTS, config.teacher_steps, config.guidance)
+    return usable_samples(settings, config.eval_clips, config.diversity_clips)
+
+
+def generate(
+    model: Student, sampler: Sampler, name: str, config: DemoConfig, noise: Tensor, again_noise: Tensor
+) -> Generated:
+    """Sample the held-out conditions (and the first K again with the second noise) with one sampler."""
+    clips = held_out(config.eval_clips)
+    k = config.diversity_clips
+    first = run_sampler(model, sampler, clips, noise, batch=config.sample_batch, precision=config.precision, desc=name)
+    again = run_sampler(model, sampler, clips.head(k), again_noise, batch=config.sample_batch,
+                        precision=config.precision, desc=f"{name} (2nd)")
+    return Generated(first.clips, again.clips, first.latency_s_per_clip)
+
+
+def checked_teacher(
+    model: Student, sampler: Sampler, shipped: TeacherSamples, config: DemoConfig, noise: Tensor
+) -> tuple[Generated, SpotCheck]:
+    """The shipped teacher clips, after re-sampling the first ``spot_check`` conditions (which also times the
+    teacher); raises when the fresh clips disagree with the shipped ones."""
+    n, k, s = config.eval_clips, config.diversity_clips, min(config.spot_check, config.eval_clips)
+    fresh = run_sampler(model, sampler, held_out(n).head(s), noise[:s], batch=config.sample_batch,
+                        precision=config.precision, desc="teacher_36step_cfg (spot check)")
+    check = spot_check(fresh.clips, shipped.clips[:s])
+    logger.info("teacher spot check: {}", check)
+    if not check.ok:
+        raise RuntimeError(
+            f"the shipped teacher samples disagree with this teacher's fresh samples ({check}): regenerate them with "
+            "`distill-mixins toy-teacher-samples --out distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz`, "
+            "or run the demo with --fresh-teacher"
+        )
+    return Generated(shipped.clips[:n], shipped.again[:k], fresh.latency_s_per_clip), check
 
 
 def evaluate(model: Student, config: DemoConfig) -> Evaluation:
@@ -361,58 +415,86 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     from distill_mixins.eval.motion import diversity
     from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
 
-    held_out = make_clips(config.eval_clips, EVAL_SEED)
+    held = held_out(config.eval_clips)
     reference = make_clips(config.eval_clips, REFERENCE_SEED)
     feature_net = VideoFeatureNet()
-    floor = frechet_video_distance(held_out.video, reference.video, net=feature_net)
-    k = config.diversity_clips
+    floor = frechet_video_distance(held.video, reference.video, net=feature_net)
+    shape = tuple(held.video.shape[1:])
+    noise = eval_noise(config.eval_clips, shape, NOISE_SEED)
+    again_noise = eval_noise(config.diversity_clips, shape, AGAIN_SEED)
+    shipped = shipped_teacher(config)
+    source: dict[str, Any] = {"source": "sampled in this run"}
     results, clips = {}, {}
     for name, (sampler, nfe) in samplers(model, config).items():
-        run = run_sampler(model, sampler, nfe, held_out.video, held_out.prompts, config, noise_seed=7, desc=name)
-        again = run_sampler(
-            model, sampler, nfe, held_out.video[:k], held_out.prompts[:k], config, noise_seed=8, desc=f"{name} (2nd)"
-        )
-        figures = evaluate_clips(run.clips, reference.video, held_out.prompts, net=feature_net)
+        if name == "teacher_36step_cfg" and shipped is not None:
+            run, check = checked_teacher(model, sampler, shipped, config, noise)
+            source = {"source": "shipped", "spot_check": asdict(check), "made_by": shipped.metadata.get("command", "")}
+        else:
+            run = generate(model, sampler, name, config, noise, again_noise)
+        figures = evaluate_clips(run.clips, reference.video, held.prompts, net=feature_net)
         results[name] = SamplerMetrics(
             fd=figures.fd, prompt_adherence=figures.prompt_adherence,
-            temporal_consistency=figures.temporal_consistency, diversity=diversity(run.clips[:k], again.clips),
-            nfe=run.nfe, latency_s_per_clip=run.latency_s_per_clip,
+            temporal_consistency=figures.temporal_consistency,
+            diversity=diversity(run.clips[: config.diversity_clips], run.again), nfe=nfe,
+            latency_s_per_clip=run.latency_s_per_clip,
         )
         clips[name] = run.clips
         logger.info("{}: {}", name, results[name])
-    clips["ground_truth"] = held_out.video
-    return Evaluation(results, floor, clips, held_out.prompts)
+    clips["ground_truth"] = held.video
+    return Evaluation(results, floor, clips, held.prompts, source)
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
-    """All four stages; writes the run directory's report, metrics, picture and GIFs (see the module docstring)."""
+    """All stages; writes the run directory's report, metrics, picture and GIFs (see the module docstring).
+
+    A SIGTERM or SIGINT stops the run with :class:`DemoStopped`: a training stage first saves its checkpoint, and
+    no later stage starts; running the same config again resumes."""
+    progress = {"stage": "setup"}
+    with raise_on_signal():
+        try:
+            return _run_stages(config, progress)
+        except Signalled as stop:
+            raise DemoStopped(progress["stage"], stop.signal_number) from None
+
+
+def _timed(progress: dict[str, str], seconds: dict[str, float], stage: str, run: Callable[[], Any]) -> Any:
+    """Run one stage under its name (for :class:`DemoStopped`) and record its seconds as ``<stage>_s``."""
+    progress["stage"] = stage
+    tic = time.perf_counter()
+    out = run()
+    seconds[f"{stage}_s"] = time.perf_counter() - tic
+    return out
+
+
+def _run_stages(config: DemoConfig, progress: dict[str, str]) -> DemoResult:
     from distill_mixins.toy.report import write_report
 
     start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "demo_config.json", json.dumps(asdict(config), indent=2))
+    precision = PrecisionReport.of(config.precision)
     torch.manual_seed(config.seed)
     teacher = load_toy_teacher(config.teacher_weights)
-    kd = run_kd(config, teacher)
-    final: Student = kd.model
-    stage = {"kd_data_s": kd.data_s, "kd_s": kd.kd_s}
+    seconds: dict[str, float] = {}
+    final: Student = kd_model(config, teacher)
+    data_dir = _timed(progress, seconds, "kd_data", lambda: make_kd_data(config, final))
+    _timed(progress, seconds, "kd", lambda: run_kd(config, final, data_dir))
     if config.refine_iterations > 0:
-        final, stage["refine_s"] = run_refine(config, teacher, final.net)
+        final = _timed(progress, seconds, "refine", lambda: run_refine(config, teacher, final.net))
     if config.dmd2_iterations > 0:
-        final, stage["dmd2_s"] = run_dmd2(config, teacher, final.net)
+        final = _timed(progress, seconds, "dmd2", lambda: run_dmd2(config, teacher, final.net))
     final.eval()
-    tic = time.perf_counter()
-    with frozen_bf16(config, final.net_teacher, final.net):
-        evaluation = evaluate(final, config)
-    stage["eval_s"] = time.perf_counter() - tic
+    with frozen_weights_for(config.precision, final.net_teacher, final.net):
+        evaluation = _timed(progress, seconds, "eval", lambda: evaluate(final, config))
+    progress["stage"] = "report"
     t36, t1, s1 = (evaluation.figures[k] for k in ("teacher_36step_cfg", "teacher_1step", "student_1step"))
     result = DemoResult(
         samplers=evaluation.figures, fd_floor=evaluation.fd_floor, gap_closed=gap_closed(t1.fd, s1.fd, t36.fd),
         speedup_wall=t36.latency_s_per_clip / s1.latency_s_per_clip, elapsed_s=time.perf_counter() - start,
-        stage_seconds=stage, config=asdict(config),
+        stage_seconds=seconds, config=asdict(config), precision=asdict(precision),
+        teacher_samples=evaluation.teacher_samples,
     )
     write_text_atomic(out / "metrics.json", json.dumps(result.to_json(), indent=2))
     write_report(out, result, evaluation.clips, evaluation.prompts)
     return result
-

@@ -69,6 +69,26 @@ def write_visuals(out: Path, clips: dict[str, Tensor], fps: float = 4.0) -> list
     return [png, gif]
 
 
+def precision_line(result: DemoResult) -> str:
+    """What ran, e.g. ``fp32 (requested auto: CPU (AVX2) without AMX or AVX512-BF16 ...)``."""
+    p = result.precision
+    return f"{p['resolved']} (requested {p['requested']}; {p['reason']})"
+
+
+def teacher_line(result: DemoResult) -> str:
+    """Where the 36-step teacher's clips came from, with the spot check when they were shipped."""
+    source = result.teacher_samples
+    if source.get("source") != "shipped":
+        return "sampled in this run"
+    check = source["spot_check"]
+    return (
+        f"the shipped samples (`{source['made_by']}`), spot-checked in this run: {check['clips']} held-out conditions "
+        f"re-sampled, mean per-clip |difference| {check['mean_abs']:.4f} (largest {check['max_abs']:.4f}; one 8-bit "
+        f"level is 0.0078), {100 * check['share_within']:.0f}% within {check['tolerance']}; the teacher's latency is "
+        "timed on them"
+    )
+
+
 def write_report(out: Path, result: DemoResult, clips: dict[str, Tensor], prompts: list[str]) -> Path:
     """``report.md``: what ran, the table, the goals, the pictures and the prompts shown."""
     write_visuals(out, clips)
@@ -98,8 +118,9 @@ Evaluated on {cfg['eval_clips']} held-out conditions against
 
 FD: Frechet distance on the features of a fixed, seeded 3D conv network; the floor is the same distance between two
 independent sets of real clips. gap_closed = (FD teacher 1-step - FD student) / (FD teacher 1-step - FD teacher
-36-step CFG). Latency: sampling time per clip in batches of {cfg['sample_batch']}, bf16 autocast = {cfg['bf16']},
-same run. Stages: {stages}.
+36-step CFG). Every clip is evaluated as 8-bit video. Latency: sampling time per clip in batches of
+{cfg['sample_batch']}, same run. Precision: {precision_line(result)}. Teacher 36-step clips: {teacher_line(result)}.
+Stages: {stages}.
 
 | goal | met | measured |
 |---|---|---|

@@ -1,7 +1,7 @@
 """The toy world's symmetries: the 8 rotations and reflections of the square frame (the dihedral group D4).
 
 Moving a toy clip by one of them (and renaming the prompt's direction to match) gives another clip of the same
-world: walls, bounces, shapes and speeds are all symmetric. A teacher pair ``(noise, teacher_x0)`` moved by the
+world: walls, bounces, shapes and speeds are all symmetric. A teacher pair ``(kd/noise, kd/teacher_x0)`` moved by the
 same symmetry is a sample of the moved condition's distribution, so each KD pair stands for eight; a student
 trained on them learns the teacher's map averaged over the group. :class:`SymmetricPairs` draws one symmetry per
 sample from ``(seed, step)``, so a resumed run sees the same batches.
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distill_mixins.methods.kd import KD_NOISE, KD_PATH, KD_TEACHER_X0
 from distill_mixins.toy.clips import DIRECTIONS, parse_prompt
 from distill_mixins.trainer import DataSource
 from distill_mixins.trainer.seeding import mixed_seed
@@ -70,10 +71,11 @@ def move_batch(batch: dict[str, Any], moves: Sequence[Symmetry], keys: Sequence[
 
 class SymmetricPairs:
     """A :class:`~distill_mixins.trainer.DataSource` of toy KD batches (``prompt`` and the tensors ``keys``) from
-    ``base``, each sample moved by a symmetry drawn uniformly from :data:`SYMMETRIES` with ``(seed, step)``."""
+    ``base``, each sample moved by a symmetry drawn uniformly from :data:`SYMMETRIES` with ``(seed, step)``; by default
+    the host's ``clip`` and the KD fields ``kd/noise``, ``kd/teacher_x0`` and ``kd/path`` move."""
 
     def __init__(
-        self, base: DataSource, *, seed: int = 0, keys: Sequence[str] = ("clip", "noise", "teacher_x0", "path")
+        self, base: DataSource, *, seed: int = 0, keys: Sequence[str] = ("clip", KD_NOISE, KD_TEACHER_X0, KD_PATH)
     ) -> None:
         self.base, self.seed, self.keys = base, seed, tuple(keys)
 

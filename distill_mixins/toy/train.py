@@ -5,10 +5,11 @@ fresh procedural clips (:mod:`distill_mixins.toy.clips`), ``tau`` from a logit-n
 ``x = (1 - tau) x0 + tau eps`` with the first frame given (pasted at the conditional noise level, as the
 distillation mixins paste it), prompts dropped to "" with probability ``p_uncond`` (classifier-free guidance),
 and the velocity loss ``||(x0_hat - x0) / max(tau, tau_floor)||^2`` on the generated frames. AdamW, bf16
-autocast on CPU, an EMA of the weights (the EMA is what ships). The text encoder stays frozen at its seeded
-initialisation, as Cosmos keeps its T5 frozen: trained jointly, its direction features learnt several times
-slower than the UNet could use them (docs/toy.md has the measurements). Resumable: ``train_state.pt`` in the run
-directory is written atomically every ``save_every`` iterations and picked up by a re-run.
+autocast where the CPU computes bf16 natively (``precision``: :mod:`distill_mixins.precision`), an EMA of the
+weights (the EMA is what ships). The text encoder stays frozen at its seeded initialisation, as Cosmos keeps its
+T5 frozen: trained jointly, its direction features learnt several times slower than the UNet could use them
+(docs/toy.md has the measurements). Resumable: ``train_state.pt`` in the run directory is written atomically
+every ``save_every`` iterations and picked up by a re-run.
 
 Command: ``distill-mixins toy-teacher --out runs/toy-teacher`` (see ``--help``); the exact command that made
 the shipped weights is stored in their metadata and in docs/toy.md.
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from distill_mixins.checkpointer.files import plain_tensors, save_safetensors, save_torch, write_atomic
 from distill_mixins.config import EMAConfig
+from distill_mixins.precision import PrecisionReport, autocast, check_precision
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.host import ToyVideo2World, first_frame_mask
 from distill_mixins.toy.text import ToyTextEncoder
@@ -44,7 +46,7 @@ WEIGHTS = Path(__file__).parent / "weights" / "toy_teacher.safetensors"
 
 @dataclass
 class TeacherTrainConfig:
-    """Settings of :func:`train_toy_teacher` (defaults made the shipped weights)."""
+    """Settings of :func:`train_toy_teacher` (the defaults, with ``precision="bf16"``, made the shipped weights)."""
 
     iterations: int = 3000
     batch_size: int = 48
@@ -59,11 +61,14 @@ class TeacherTrainConfig:
     """Share of the batch with tau ~ U(0, 1); the rest is logit-normal(0, 1)."""
     grad_clip: float = 1.0
     seed: int = 0
-    bf16: bool = True
+    precision: str = "auto"
+    """``auto`` (bf16 autocast only where the CPU computes bf16 natively: :func:`~distill_mixins.precision.
+    resolve_precision`), ``bf16`` or ``fp32``. The shipped weights were trained under bf16 autocast."""
     save_every: int = 250
     conditional_sigma: float = 1e-4
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, "TeacherTrainConfig.precision")
         for name in ("iterations", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherTrainConfig.{name}={getattr(self, name)} must be >= 1.")
@@ -101,7 +106,7 @@ def teacher_loss(
     tb = tau[:, None, None, None, None]
     mask = first_frame_mask(b, frames)
     x = mask * conditional_scale(config.conditional_sigma) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+    with autocast(config.precision, "cpu"):
         x0_hat = host.net(x, tau, mask, text)
     err = (x0_hat.float() - x0) / tb.clamp(min=config.tau_floor)
     return err.pow(2)[:, :, 1:].mean()
@@ -149,7 +154,9 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
     """Train from scratch (or resume ``out_dir/train_state.pt``); writes ``out_dir/toy_teacher.safetensors``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "teacher_config.json").write_text(json.dumps(asdict(config), indent=2))
+    ran = PrecisionReport.of(config.precision, "cpu")
+    recorded = {**asdict(config), "precision_resolved": ran.resolved}  # what ran: auto resolved on this machine
+    (out / "teacher_config.json").write_text(json.dumps(recorded, indent=2))
     torch.manual_seed(config.seed)
     host = ToyVideo2World(ToyUNet(), ToyTextEncoder())
     host.text_encoder.requires_grad_(False)
@@ -166,6 +173,10 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
         sched.load_state_dict(state["sched"])
         start, elapsed = int(state["iteration"]), float(state["elapsed_s"])
         logger.info("resuming the toy teacher at iteration {} ({:.0f} s so far)", start, elapsed)
+        if state.get("precision", ran.resolved) != ran.resolved:
+            logger.warning("resuming the toy teacher in {} but it trained in {} so far (no bit-exact resume); pass "
+                           "--precision {} to keep it", ran.resolved, state["precision"], state["precision"])
+    logger.info("toy teacher precision: {} (asked {}; {})", ran.resolved, ran.requested, ran.reason)
     beta = EMAConfig(halflife_steps=config.ema_halflife).beta(1)
     t0 = time.perf_counter() - elapsed
     bar = tqdm(range(start, config.iterations), desc="toy teacher", unit="it", initial=start, total=config.iterations)
@@ -184,10 +195,11 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
         done = iteration + 1
         if done % config.save_every == 0 or done == config.iterations:
             state = {"host": host.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "iteration": done, "elapsed_s": time.perf_counter() - t0}
+                     "sched": sched.state_dict(), "iteration": done, "elapsed_s": time.perf_counter() - t0,
+                     "precision": ran.resolved}
             write_atomic(state_path, partial(save_torch, state))
     seconds = time.perf_counter() - t0
-    metadata = {"config": json.dumps(asdict(config)), "command": command, "train_seconds": f"{seconds:.0f}"}
+    metadata = {"config": json.dumps(recorded), "command": command, "train_seconds": f"{seconds:.0f}"}
     path = out / "toy_teacher.safetensors"
     save_teacher(path, ema, metadata)
     logger.info("toy teacher written to {} after {} iterations, {:.0f} s of training", path, config.iterations, seconds)
