@@ -35,7 +35,7 @@ from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
-from distill_mixins.precision import PrecisionReport, autocast, check_precision, frozen_weights_for, resolve_precision
+from distill_mixins.precision import PrecisionReport, autocast, check_precision, frozen_weights_for
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.evalset import (
     AGAIN_SEED,
@@ -187,6 +187,11 @@ def clip_batches(n: int, seed: int, batch: int) -> Iterator[dict[str, Any]]:
         yield {"clip": clips.video[start : start + batch], "prompt": clips.prompts[start : start + batch]}
 
 
+TRAINER_AUTOCAST = {"auto": "auto", "bf16": "bf16", "fp32": "none"}
+"""The demo's precision as the trainer's autocast (``auto`` is resolved by the same policy there, and its run's
+``config.json`` records both)."""
+
+
 def _optimizer(lr: float) -> OptimizerConfig:
     return OptimizerConfig(name="adamw", lr=lr, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0)
 
@@ -194,8 +199,7 @@ def _optimizer(lr: float) -> OptimizerConfig:
 def _trainer_config(config: DemoConfig, stage: str, iterations: int) -> TrainerConfig:
     return TrainerConfig(
         iterations=iterations, run_dir=str(Path(config.out) / stage), batch_size=config.batch_size,
-        autocast="bf16" if resolve_precision(config.precision) == "bf16" else "none", seed=config.seed, log_every=50,
-        save_every=200, keep_last=1,
+        autocast=TRAINER_AUTOCAST[config.precision], seed=config.seed, log_every=50, save_every=200, keep_last=1,
     )
 
 
