@@ -13,7 +13,17 @@ Layout (``directory`` is usually ``run_dir/checkpoints``)::
                 trainer_state.json  config.json  manifest.json (sha256 and size of every file)
     latest                                 "iter_000100": the commit point, written last
 
-The teacher is never written. Loading uses safetensors and ``torch.load(weights_only=True)`` only.
+A network whose parameters are DTensors (FSDP2) is saved sharded instead (see ``sharded.py``)::
+
+    iter_000100/student.dcp/.metadata  __0_0.distcp  __1_0.distcp ...   net and its optimizer, one file per rank
+                ema.dcp/ ...  critic.dcp/ ...                             (optim.pt keeps the schedulers, scaler)
+                rng/rank_0.pt  rng/rank_1.pt ...                          each rank's RNG states
+
+Then ``save``, ``load`` and ``resume`` are collective (every rank calls them); rank 0 checks the manifest and writes
+the shared files and the pointer. A sharded checkpoint loads at any world size, also unsharded in one process.
+
+The teacher is never written. Loading uses safetensors and ``torch.load(weights_only=True)`` only (DCP folders:
+see ``sharded.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +51,17 @@ from distill_mixins.checkpointer.files import (
     write_text_atomic,
 )
 from distill_mixins.checkpointer.rng import capture_rng_state, restore_rng_state
+from distill_mixins.checkpointer.sharded import (
+    Ranks,
+    is_sharded,
+    load_network,
+    local,
+    process_rank,
+    rng_file,
+    save_network,
+    set_full_optimizer_state,
+    set_full_state,
+)
 from loguru import logger
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -85,6 +106,11 @@ def network_files(model: nn.Module) -> dict[str, str]:
     return stems
 
 
+def checkpoint_ranks(model: nn.Module) -> Ranks:
+    """The ranks that save or load ``model`` together: all of them when a checkpointed network is sharded."""
+    return Ranks(getattr(model, attr) for attr in network_files(model))
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path``; a missing or unreadable one raises, naming the file."""
     file = path / MANIFEST
@@ -117,14 +143,26 @@ def _teacher_storages(model: nn.Module) -> set[int]:
     teacher = getattr(model, "net_teacher", None)
     if not isinstance(teacher, nn.Module):
         return set()
-    tensors = [*teacher.parameters(), *teacher.buffers()]
+    tensors = [local(t) for t in (*teacher.parameters(), *teacher.buffers())]
     return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
 
 
 def _check_not_teacher(state: dict[str, Tensor], teacher: set[int], owner: str) -> None:
     for key, value in state.items():
-        if isinstance(value, Tensor) and value.numel() and value.untyped_storage().data_ptr() in teacher:
+        if isinstance(value, Tensor) and local(value).numel() and local(value).untyped_storage().data_ptr() in teacher:
             raise CheckpointError(f"{owner} entry '{key}' shares storage with the teacher; the teacher is never saved.")
+
+
+def _optim_state(
+    model: nn.Module, grad_scaler: torch.amp.GradScaler | None, networks: dict[str, str],
+) -> dict[str, Any]:
+    """Optimizers of unsharded networks (a sharded one's is in its DCP folder), schedulers, the grad scaler."""
+    optimizers = model.optimizers().items()  # type: ignore[operator]
+    return {
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers if not networks[name].endswith(".dcp")},
+        "schedulers": {name: s.state_dict() for name, s in model.lr_schedulers().items()},  # type: ignore[operator]
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None and grad_scaler.is_enabled() else None,
+    }
 
 
 def _pause_for_tests(tmp: Path) -> None:
@@ -137,7 +175,8 @@ def _pause_for_tests(tmp: Path) -> None:
 class DistillCheckpointer:
     """Save, verify, auto-resume and selectively load distillation checkpoints under ``directory``.
 
-    ``keep_last``: how many complete checkpoints to keep (``None`` keeps all). One writer (rank 0) per directory.
+    ``keep_last``: how many complete checkpoints to keep (``None`` keeps all). One writer (rank 0) per directory;
+    with sharded networks every rank calls ``save``/``load``/``resume`` (see the module docstring).
     """
 
     def __init__(self, directory: str | Path, *, keep_last: int | None = 3) -> None:
@@ -193,65 +232,84 @@ class DistillCheckpointer:
         config: dict[str, Any] | None = None, grad_scaler: torch.amp.GradScaler | None = None,
     ) -> Path:
         """Write ``iter_<iteration>`` atomically (temporary directory, fsync, rename), then the ``latest``
-        pointer, then prune to ``keep_last``. Returns the checkpoint directory."""
+        pointer, then prune to ``keep_last``. Returns the checkpoint directory. Collective with sharded networks."""
+        ranks = checkpoint_ranks(model)
+        name = checkpoint_name(iteration)
+        tmp = ranks.from_rank0(lambda: self._new_temporary(name))
+        networks = self._write_networks(model, tmp, iteration, ranks)
+        if ranks.writer:
+            _pause_for_tests(tmp)
+        self._write_state(model, tmp, grad_scaler, ranks, networks)
+        ranks.barrier()  # every rank's files are written before rank 0 checksums them
+
+        def commit() -> Path:
+            state = {"distill": model.distill_config.to_dict()} if config is None else config  # type: ignore[operator]
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state or {}, indent=2))
+            (tmp / "config.json").write_text(json.dumps(state, indent=2))
+            self._write_manifest(tmp, iteration, networks, ranks)
+            final = self.directory / name
+            self._replace_dir(tmp, final)
+            write_text_atomic(self.directory / LATEST, name + "\n")
+            self._prune(iteration)
+            logger.info("saved checkpoint {}", final)
+            return final
+
+        return ranks.from_rank0(commit)
+
+    def _new_temporary(self, name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
-        name = checkpoint_name(iteration)
         tmp = self.directory / f".tmp-{name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        networks = self._write_networks(model, tmp, iteration)
-        _pause_for_tests(tmp)
-        self._write_state(model, tmp, grad_scaler)
-        if config is None:
-            config = {"distill": model.distill_config.to_dict()}  # type: ignore[operator]
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state or {}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        self._write_manifest(tmp, iteration, networks)
-        final = self.directory / name
-        self._replace_dir(tmp, final)
-        write_text_atomic(self.directory / LATEST, name + "\n")
-        self._prune(iteration)
-        logger.info("saved checkpoint {}", final)
-        return final
+        return tmp
 
-    def _write_networks(self, model: nn.Module, tmp: Path, iteration: int) -> dict[str, str]:
+    def _write_networks(self, model: nn.Module, tmp: Path, iteration: int, ranks: Ranks) -> dict[str, str]:
         teacher = _teacher_storages(model)
         networks = {}
         for attr, stem in network_files(model).items():
-            state = getattr(model, attr).state_dict()
+            net = getattr(model, attr)
+            state = net.state_dict()
             _check_not_teacher(state, teacher, attr)
-            meta = {"format": FORMAT, "network": attr, "iteration": str(iteration)}
-            save_safetensors(plain_tensors(state, attr), tmp / f"{stem}.safetensors", meta)
+            if is_sharded(net):  # every rank writes its shards
+                save_network(net, model.optimizers().get(attr), tmp / f"{stem}.dcp")  # type: ignore[operator]
+                networks[attr] = f"{stem}.dcp"
+                continue
+            if ranks.writer:
+                meta = {"format": FORMAT, "network": attr, "iteration": str(iteration)}
+                save_safetensors(plain_tensors(state, attr), tmp / f"{stem}.safetensors", meta)
             networks[attr] = f"{stem}.safetensors"
         extra = {k: v for k, v in model.state_dict().items() if "." not in k}
-        if extra:
+        if extra and ranks.writer:
             _check_not_teacher(extra, teacher, "model")
             save_safetensors(plain_tensors(extra, "model"), tmp / f"{EXTRA}.safetensors", {"format": FORMAT})
         return networks
 
-    def _write_state(self, model: nn.Module, tmp: Path, grad_scaler: torch.amp.GradScaler | None) -> None:
-        optim = {
-            "optimizers": {name: opt.state_dict() for name, opt in model.optimizers().items()},  # type: ignore[operator]
-            "schedulers": {name: s.state_dict() for name, s in model.lr_schedulers().items()},  # type: ignore[operator]
-            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None and grad_scaler.is_enabled() else None,
-        }
-        save_torch(optim, tmp / "optim.pt")
-        save_torch(capture_rng_state(), tmp / "rng.pt")
+    def _write_state(
+        self, model: nn.Module, tmp: Path, grad_scaler: torch.amp.GradScaler | None, ranks: Ranks,
+        networks: dict[str, str],
+    ) -> None:
+        """optim.pt from rank 0; the RNG states as rng.pt, or one file per rank when sharded."""
+        if ranks.writer:
+            save_torch(_optim_state(model, grad_scaler, networks), tmp / "optim.pt")
+        rng = tmp / (rng_file(ranks.rank) if ranks.active else "rng.pt")
+        rng.parent.mkdir(exist_ok=True)
+        save_torch(capture_rng_state(), rng)
 
-    def _write_manifest(self, tmp: Path, iteration: int, networks: dict[str, str]) -> None:
-        files = {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "PAUSED"
-        }
+    def _write_manifest(self, tmp: Path, iteration: int, networks: dict[str, str], ranks: Ranks) -> None:
+        paths = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "PAUSED")
+        files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
         manifest = {"format": FORMAT, "iteration": iteration, "networks": networks, "files": files,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if ranks.active:
+            manifest["world_size"] = ranks.world_size
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for p in tmp.iterdir():
             if p.suffix == ".json":
                 fsync_file(p)
-        fsync_dir(tmp)
+        for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            fsync_dir(directory)
 
     def _replace_dir(self, tmp: Path, final: Path) -> None:
         trash = None
@@ -285,7 +343,7 @@ class DistillCheckpointer:
 
     def resume(self, model: nn.Module, *, grad_scaler: torch.amp.GradScaler | None = None) -> LoadedCheckpoint | None:
         """Auto-resume: load everything from :meth:`find_resumable`, or return None when there is no checkpoint."""
-        path = self.find_resumable()
+        path = checkpoint_ranks(model).from_rank0(self.find_resumable)
         return None if path is None else self.load(model, path, grad_scaler=grad_scaler)
 
     def load(
@@ -302,7 +360,7 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Full resume (see :meth:`DistillCheckpointer.load`)."""
     path = Path(path)
-    manifest = verify_checkpoint(path)
+    manifest = checkpoint_ranks(model).from_rank0(lambda: verify_checkpoint(path))
     wanted = network_files(model)
     missing = [attr for attr in wanted if attr not in manifest["networks"]]
     if missing:
@@ -310,13 +368,15 @@ def load_checkpoint(
             f"{path} has no weights for {missing} (it holds {sorted(manifest['networks'])}): it comes from another "
             "method or config. To start from its student only, use load_networks(model, path, ('student',))."
         )
+    optimizers = model.optimizers()  # type: ignore[operator]
     for attr in wanted:
-        _load_network(getattr(model, attr), path / manifest["networks"][attr])
+        _load_network(getattr(model, attr), path / manifest["networks"][attr], optimizers.get(attr))
     if f"{EXTRA}.safetensors" in manifest["files"]:
         _load_extra(model, path / f"{EXTRA}.safetensors")
-    _load_optim(model, path / "optim.pt", grad_scaler)
+    in_dcp = {attr for attr, file in manifest["networks"].items() if file.endswith(".dcp")}
+    _load_optim(model, path / "optim.pt", grad_scaler, in_dcp)
     if restore_rng:
-        restore_rng_state(torch.load(path / "rng.pt", weights_only=True, map_location="cpu"))
+        _restore_rng(path, manifest)
     logger.info("resumed from {} (iteration {})", path, manifest["iteration"])
     return LoadedCheckpoint(
         path=path, iteration=int(manifest["iteration"]),
@@ -330,7 +390,7 @@ def load_networks(model: nn.Module, path: str | Path, networks: Sequence[str] = 
     DMD2 model. Names are file stems (``student``, ``ema``, ``critic``, ``discriminator``) or attributes
     (``net``, ...). Loading the student without the EMA resets the EMA to the student."""
     path = Path(path)
-    manifest = verify_checkpoint(path)
+    manifest = checkpoint_ranks(model).from_rank0(lambda: verify_checkpoint(path))
     by_stem = {Path(file).stem: attr for attr, file in manifest["networks"].items()}
     attrs = []
     for name in networks:
@@ -341,7 +401,11 @@ def load_networks(model: nn.Module, path: str | Path, networks: Sequence[str] = 
     for attr in attrs:
         file = path / manifest["networks"][attr]
         if attr == "net" and "net_ema" not in attrs and hasattr(model, "load_student_state_dict"):
-            _load_into(file, model.load_student_state_dict)
+            if file.suffix == ".dcp" or is_sharded(model.net):  # into the student, then reset the EMA to it
+                _load_network(model.net, file)
+                model.load_student_state_dict(model.net.state_dict())
+            else:
+                _load_into(file, model.load_student_state_dict)
         else:
             _load_network(getattr(model, attr), file)
     return LoadedCheckpoint(path=path, iteration=int(manifest["iteration"]), trainer_state={}, config={})
@@ -354,8 +418,14 @@ def _load_into(file: Path, loader: Any) -> None:
         raise CheckpointError(f"{file} does not fit the network: {error}") from error
 
 
-def _load_network(net: nn.Module, file: Path) -> None:
-    _load_into(file, net.load_state_dict)
+def _load_network(net: nn.Module, file: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load one network from its safetensors file or DCP folder (a DCP folder also holds its optimizer)."""
+    if file.suffix == ".dcp":
+        load_network(net, optimizer, file)
+    elif is_sharded(net):
+        set_full_state(net, load_file(str(file)))
+    else:
+        _load_into(file, net.load_state_dict)
 
 
 @torch.no_grad()
@@ -367,18 +437,37 @@ def _load_extra(model: nn.Module, file: Path) -> None:
         target.copy_(value)
 
 
-def _load_optim(model: nn.Module, file: Path, grad_scaler: torch.amp.GradScaler | None) -> None:
+def _load_optim(
+    model: nn.Module, file: Path, grad_scaler: torch.amp.GradScaler | None, in_dcp: Collection[str] = (),
+) -> None:
+    """Optimizers (except those of ``in_dcp`` networks, loaded with them), schedulers and the grad scaler."""
     state = torch.load(file, weights_only=True, map_location="cpu")
     for kind, current in (("optimizers", model.optimizers()), ("schedulers", model.lr_schedulers())):  # type: ignore[operator]
         for name, obj in current.items():
+            if kind == "optimizers" and name in in_dcp:
+                continue
             if name not in state[kind]:
                 raise CheckpointError(f"{file} has no {kind[:-1]} state for '{name}' (it has {sorted(state[kind])}).")
-            obj.load_state_dict(state[kind][name])
+            net = getattr(model, name)
+            if kind == "optimizers" and is_sharded(net):  # an unsharded run's optimizer into a sharded network
+                set_full_optimizer_state(net, obj, state[kind][name])
+            else:
+                obj.load_state_dict(state[kind][name])
     if grad_scaler is not None and grad_scaler.is_enabled():
         if state["grad_scaler"] is None:
             logger.warning("{} has no grad-scaler state (saved without fp16); the scaler starts fresh.", file)
         else:
             grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _restore_rng(path: Path, manifest: dict[str, Any]) -> None:
+    """rng.pt, or this rank's file of a sharded checkpoint; a rank the saving run did not have keeps its state."""
+    name = "rng.pt" if "rng.pt" in manifest["files"] else rng_file(process_rank())
+    if name not in manifest["files"]:
+        logger.warning("{} was saved by {} ranks; rank {} keeps its RNG state.", path, manifest.get("world_size"),
+                       process_rank())
+        return
+    restore_rng_state(torch.load(path / name, weights_only=True, map_location="cpu"))
 
 
 def _iteration_of(path: Path) -> int:

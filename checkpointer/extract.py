@@ -7,6 +7,7 @@ from pathlib import Path
 
 from distill_mixins.checkpointer.checkpointer import resolve_checkpoint, verify_checkpoint
 from distill_mixins.checkpointer.files import CheckpointError, fsync_dir, save_safetensors
+from distill_mixins.checkpointer.sharded import is_sharded, read_full_state, set_full_state
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,7 +20,8 @@ def extract_student_weights(checkpoint: str | Path, output: str | Path, *, ema: 
     """Write the student (``ema=True``: its EMA) of a checkpoint to ``output`` (safetensors, atomic).
 
     ``checkpoint``: a checkpoint directory, a checkpoints directory or a run directory (newest usable one).
-    Keys are the network's own ``state_dict`` keys, so the file loads into ``host.net`` of a plain host.
+    Keys are the network's own ``state_dict`` keys, so the file loads into ``host.net`` of a plain host. A sharded
+    checkpoint's student is gathered into one file (in this process; no process group needed).
     """
     path = resolve_checkpoint(checkpoint)
     manifest = verify_checkpoint(path)
@@ -27,7 +29,8 @@ def extract_student_weights(checkpoint: str | Path, output: str | Path, *, ema: 
     if attr not in manifest["networks"]:
         hint = "the run had no EMA (DistillConfig.ema=None); extract without --ema" if ema else "it has no student"
         raise CheckpointError(f"{path} holds no {'EMA' if ema else 'student'} weights: {hint}.")
-    tensors = load_file(str(path / manifest["networks"][attr]))
+    source = path / manifest["networks"][attr]
+    tensors = read_full_state(source) if source.suffix == ".dcp" else load_file(str(source))  # sharded: gathered
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -49,11 +52,15 @@ def load_student_weights(target: nn.Module, path: str | Path, *, strict: bool = 
     """Load a student weights file into ``target``.
 
     ``target`` may be a distillation model (its ``load_student_state_dict``: student, EMA reset to it),
-    a plain host for inference (loads into ``host.net``), or the network itself.
+    a plain host for inference (loads into ``host.net``), or the network itself. A sharded student (FSDP2) takes
+    the full file on every rank (collective).
     """
     state = load_file(str(path))
     try:
         if hasattr(target, "load_student_state_dict"):
+            if is_sharded(target.net):  # collective: every rank shards the full file, then the EMA follows
+                set_full_state(target.net, state)
+                state = target.net.state_dict()
             target.load_student_state_dict(state, strict=strict)
         elif isinstance(getattr(target, "net", None), nn.Module) and callable(getattr(target, "predict", None)):
             target.net.load_state_dict(state, strict=strict)

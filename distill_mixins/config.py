@@ -170,9 +170,14 @@ class DistillConfig:
     the noise implied by the current state ('ode', deterministic DDIM; for multi-step KD students)."""
     conditional_sigma: float = 1e-4
     """Noise level given to ground-truth frames of a Video2World condition."""
+    seed: int = 0
+    """Seed of the method's random draws in training steps (noise, times, backward-simulation steps): each sample's
+    draws depend on (seed, iteration, its global index), not on the number of ranks (:mod:`distill_mixins.draws`)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"{name}.seed={self.seed!r} must be an int >= 0.")
         if not isinstance(self.student_update_freq, int) or self.student_update_freq < 1:
             raise ValueError(f"{name}.student_update_freq={self.student_update_freq!r} must be an int >= 1.")
         if not isinstance(self.warmup_student_iters, int) or self.warmup_student_iters < 0:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from distill_mixins.config import DistillConfig, NetworkSpec, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.contract import check_host_instance
+from distill_mixins.draws import DrawContext, Draws
 from distill_mixins.sampling import SAMPLERS, Denoiser, guided_x0, sample_student, time_grid
 from distill_mixins.trigflow import TrigFlowMixin, max_time, sample_time, student_schedule
 
@@ -108,6 +112,9 @@ class DistillationCoreMixin(TrigFlowMixin):
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
         self._schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None
         self.nonfinite_grad_counts = dict.fromkeys(self.trainable_networks(), 0)
+        self.data_parallel_rank, self.data_parallel_size = 0, 1
+        self._draws: Draws | None = None
+        self._micro = (-1, 0)  # (iteration, training steps run at it): the micro-batch index under accumulation
 
     # ------------------------------------------------------------------ networks
 
@@ -198,6 +205,18 @@ class DistillationCoreMixin(TrigFlowMixin):
                 name: build_scheduler(opt, self.optimizer_config(name)) for name, opt in self._optimizers.items()
             }
 
+    @property
+    def optimizers_built(self) -> bool:
+        """Whether the optimizers exist yet (they are built on first use, after any parallelism is applied)."""
+        return self._optimizers is not None
+
+    def reset_optimizers(self) -> None:
+        """Drop the optimizers and schedulers (before any step: e.g. after the parameters were replaced); the next
+        use builds them again over the current parameters."""
+        if self._optimizers is not None and any(opt.state for opt in self._optimizers.values()):
+            raise RuntimeError("reset_optimizers after an optimizer step would lose the optimizer state.")
+        self._optimizers, self._schedulers = None, None
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Every optimizer by network name (for checkpointing)."""
         self._ensure_optimizers()
@@ -227,14 +246,50 @@ class DistillationCoreMixin(TrigFlowMixin):
         x0, condition, uncondition = self.get_data_and_condition(batch)  # type: ignore[attr-defined]
         return DistillBatch(x0=x0, condition=condition, uncondition=uncondition, raw=batch)
 
+    def set_data_parallel(self, rank: int, size: int) -> None:
+        """This process's data-parallel rank and the number of them: the local batch of ``B`` samples holds the
+        global samples ``rank * B ... rank * B + B - 1`` (every rank gets an equal share), which seeds their draws.
+        Set by :func:`distill_mixins.parallel.parallelize`; call it yourself only with your own data parallelism."""
+        if not (isinstance(rank, int) and isinstance(size, int) and 0 <= rank < size):
+            raise ValueError(f"set_data_parallel(rank={rank!r}, size={size!r}): need ints with 0 <= rank < size.")
+        self.data_parallel_rank, self.data_parallel_size = rank, size
+
+    @property
+    def draws(self) -> Draws:
+        """The current training step's random draws (:mod:`distill_mixins.draws`); only inside a training step."""
+        if self._draws is None:
+            raise RuntimeError(
+                "model.draws is only available inside training_step (it is seeded by the iteration); to call a "
+                "method's pieces yourself, wrap them in `with model.drawing(iteration, batch_size):`."
+            )
+        return self._draws
+
+    @contextmanager
+    def drawing(self, iteration: int, local_batch: int, micro: int = 0) -> Iterator[Draws]:
+        """Make ``self.draws`` the draws of ``iteration`` (micro-batch ``micro``) for a local batch of
+        ``local_batch`` samples, as :meth:`training_step` does; e.g. to call a method's pieces (``student_sample``)
+        outside a step."""
+        first = self.data_parallel_rank * local_batch
+        previous, self._draws = self._draws, Draws(DrawContext(self.distill_config.seed, iteration, micro, first))
+        try:
+            yield self._draws
+        finally:
+            self._draws = previous
+
     def training_step(self, batch: Any, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
-        """One step of the phase of ``iteration``: ``(output_dict, loss)``, like the host's own step."""
+        """One step of the phase of ``iteration``: ``(output_dict, loss)``, like the host's own step.
+
+        Its random draws (``self.draws``) are seeded by ``DistillConfig.seed``, the iteration, the micro-batch
+        (the number of steps already run at this iteration) and each sample's global index."""
         student_phase = self.is_student_phase(iteration)
         self.set_phase(student_phase)
         data = self.prepare_data(batch)
-        if student_phase:
-            return self.training_step_generator(data, iteration)
-        return self.training_step_critic(data, iteration)
+        micro = self._micro[1] + 1 if self._micro[0] == iteration else 0  # steps already run at this iteration
+        self._micro = (iteration, micro)
+        with self.drawing(iteration, data.x0.shape[0], micro):
+            if student_phase:
+                return self.training_step_generator(data, iteration)
+            return self.training_step_critic(data, iteration)
 
     def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """The method's student loss; method mixins implement it."""
@@ -259,7 +314,7 @@ class DistillationCoreMixin(TrigFlowMixin):
             if not grads:
                 continue
             max_norm = self.optimizer_config(name).grad_clip
-            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else math.inf)
+            norm = full_value(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else math.inf))
             if not torch.isfinite(norm):
                 for p in grads:
                     p.grad.zero_()
@@ -293,18 +348,24 @@ class DistillationCoreMixin(TrigFlowMixin):
         self.ema_num_updates += 1
         beta = 0.0 if iteration < config.start_iter else config.beta(int(self.ema_num_updates))
         for p_ema, p in zip(self.net_ema.parameters(), self.net.parameters(), strict=True):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
+            local(p_ema).lerp_(local(p).detach().to(p_ema.dtype), 1.0 - beta)  # shard by shard, no communication
         for b_ema, b in zip(self.net_ema.buffers(), self.net.buffers(), strict=True):
-            b_ema.copy_(b)
+            local(b_ema).copy_(local(b))
 
     # ------------------------------------------------------------------ sampling
 
     def sample_t(
         self, n: int, config: TimeSamplerConfig, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        """``n`` training times (float64, (n,)) from ``config``, capped at the host's largest usable time."""
+        """``n`` training times (float64, (n,)) from ``config``, capped at the host's largest usable time.
+
+        Inside a training step without ``generator``: one time per sample from the step's draws."""
         t_max = max_time(self.scaling, self.sigma_data, self.distill_config.sigma_max)
-        return sample_time(n, config, self.sigma_data, generator=generator).clamp(max=t_max)
+        if generator is None and self._draws is not None:
+            t = self._draws.per_sample(n, lambda g: sample_time(1, config, self.sigma_data, generator=g))
+        else:
+            t = sample_time(n, config, self.sigma_data, generator=generator)
+        return t.clamp(max=t_max)
 
     def student_times(self) -> Tensor:
         """Descending TrigFlow times of the student's sampler (float64, (steps,))."""
@@ -378,6 +439,16 @@ class DistillationCoreMixin(TrigFlowMixin):
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
         return state
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of a tensor: the local shard (or replica) of a DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_value(tensor: Tensor) -> Tensor:
+    """A DTensor's whole value (a gradient norm reduced over every shard), a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _keep_teacher_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

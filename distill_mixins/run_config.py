@@ -192,7 +192,8 @@ class StageConfig:
 
     ``init_from_previous``: which weights of the previous stage the student starts from (``student``,
     its ``ema``, or ``none``); ignored for the first stage. ``callbacks``: ``"module:factory"`` names, each
-    called as ``factory(model, data)`` for a trainer callback.
+    called as ``factory(model, data)`` for a trainer callback. ``parallel``: how the model is spread over the
+    processes when the run is launched by ``torchrun`` (``ParallelConfig`` fields).
     """
 
     name: str
@@ -205,6 +206,9 @@ class StageConfig:
     data_args: dict[str, Any] = field(default_factory=dict)
     callbacks: list[str] = field(default_factory=list)
     init_from_previous: str = "student"
+    parallel: dict[str, Any] = field(default_factory=dict)
+    """:class:`~distill_mixins.parallel.ParallelConfig` fields, used under several processes (torchrun); empty:
+    the defaults (FSDP over every rank)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _STAGE_NAME.match(self.name):
@@ -217,7 +221,7 @@ class StageConfig:
         for attr, spec in specs.items():
             if not isinstance(spec, str) or spec.count(":") != 1:
                 raise ValueError(f"stage {self.name!r} {attr}={spec!r} must look like 'package.module:factory'.")
-        for attr in ("method_config", "trainer", "model_args", "data_args"):
+        for attr in ("method_config", "trainer", "model_args", "data_args", "parallel"):
             if not isinstance(getattr(self, attr), dict):
                 raise ValueError(f"stage {self.name!r} {attr} must be a JSON object.")
         if "run_dir" in self.trainer:

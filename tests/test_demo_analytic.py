@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from distill_mixins.cli import main
 from distill_mixins.demo_analytic import format_result, run_analytic_demo
 
 
+@pytest.mark.acceptance  # a KD training on the exact mixture (~15 s): make test-acceptance
 def test_demo_student_reaches_the_teacher(tmp_path):
     result = run_analytic_demo(tmp_path, iterations=1500, pairs=8192, eval_samples=4096)
     print(format_result(result))

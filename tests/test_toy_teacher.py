@@ -31,6 +31,7 @@ def _sample(model, clips, steps, guidance=3.0):
     return model.decode(out.float())
 
 
+@pytest.mark.acceptance  # samples the shipped teacher 36 steps x CFG (~85 s in float32): make test-acceptance
 def test_shipped_teacher_quality_bar(teacher_model):
     """36 DDIM steps with CFG follow the prompt (adherence >= 0.8: the tracked shape stays within 1.5 px of the
     prompt's bouncing trajectory in every frame), keep the shape (temporal consistency >= 0.8, real clips ~0.98) and

@@ -264,7 +264,8 @@ def _default_visual_writer(out_dir: Path, step: int, rows: Any) -> Any:
 
 class VisualCallback(Callback):
     """Every ``every`` iterations (default ``TrainerConfig.visual_every``): ``rows = rows_fn(model, iteration)``
-    in sampling mode, then ``writer(out_dir, iteration, rows)`` (default: ``eval.visual.write_training_visual``)."""
+    in sampling mode, then ``writer(out_dir, iteration, rows)`` (default: ``eval.visual.write_training_visual``).
+    Under several processes every rank computes the rows and rank 0 writes them."""
 
     def __init__(
         self, rows_fn: RowsFn, *, every: int | None = None, writer: VisualWriter | None = None,
@@ -278,11 +279,12 @@ class VisualCallback(Callback):
         completed = step.iteration + 1
         if not _due(self.every if self.every is not None else trainer.config.visual_every, completed):
             return
-        out_dir = Path(self.out_dir) if self.out_dir is not None else trainer.run_dir / "visuals"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with sampling_mode(trainer.model):
+        with sampling_mode(trainer.model):  # every rank samples (sharded networks gather together); rank 0 writes
             rows = self.rows_fn(trainer.model, completed)
-        self.writer(out_dir, completed, rows)
+        if trainer.is_main:
+            out_dir = Path(self.out_dir) if self.out_dir is not None else trainer.run_dir / "visuals"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.writer(out_dir, completed, rows)
 
 
 def distillation_rows(

@@ -18,12 +18,14 @@ from distill_mixins.checkpointer.checkpointer import read_manifest
 from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.trainer.callbacks import TrainResult
 from distill_mixins.trainer.config import TrainerConfig
+from distill_mixins.trainer.distributed import Ranks, barrier, init_distributed
 from distill_mixins.trainer.seeding import seed_everything
 from distill_mixins.trainer.signals import raise_on_signal
 from distill_mixins.trainer.trainer import DistillationTrainer
 from loguru import logger
 
 from distill_mixins.errors import ConfigError
+from distill_mixins.parallel import ParallelConfig, parallelize
 from distill_mixins.run_config import (
     RunConfig,
     StageConfig,
@@ -33,6 +35,7 @@ from distill_mixins.run_config import (
     stage_where,
 )
 
+ONE_PROCESS = Ranks()
 STUDENT_FILE = "student.safetensors"
 EMA_FILE = "student_ema.safetensors"
 
@@ -92,6 +95,7 @@ def _check_stage(run: RunConfig, index: int, previous: Any) -> Any:
     stage = run.stages[index]
     where = stage_where(index, stage)
     stage_trainer_config(run, index)
+    build_dataclass(ParallelConfig, stage.parallel, f"{where}.parallel")
     distill = build_dataclass(method_mixin(stage.method).config_class, stage.method_config, f"{where}.method_config")
     if previous is not None and stage.init_from_previous == "ema" and getattr(previous, "ema", None) is None:
         raise ConfigError(
@@ -117,11 +121,16 @@ def _finished_checkpoint(config: TrainerConfig) -> Path | None:
     return None
 
 
-def _extract(checkpoint: Path, stage_dir: Path) -> tuple[Path, Path | None]:
-    student = extract_student_weights(checkpoint, stage_dir / STUDENT_FILE)
-    ema = None
+def _extract(checkpoint: Path, stage_dir: Path, ranks: Ranks) -> tuple[Path, Path | None]:
+    """The stage's student (and EMA) files, written by rank 0 while the others wait."""
+    student, ema = stage_dir / STUDENT_FILE, None
     if "net_ema" in read_manifest(checkpoint)["networks"]:
-        ema = extract_student_weights(checkpoint, stage_dir / EMA_FILE, ema=True)
+        ema = stage_dir / EMA_FILE
+    if ranks.is_main:
+        extract_student_weights(checkpoint, student)
+        if ema is not None:
+            extract_student_weights(checkpoint, ema, ema=True)
+    barrier(ranks)
     return student, ema
 
 
@@ -138,15 +147,18 @@ def _initial_weights(stage: StageConfig, previous: StageResult | None) -> Path |
     return previous.student
 
 
-def run_stage(run: RunConfig, index: int, previous: StageResult | None, resolved: dict[str, Any]) -> StageResult:
-    """Build the stage's model (seeded), load the previous student, build data and callbacks, train, extract."""
+def run_stage(
+    run: RunConfig, index: int, previous: StageResult | None, resolved: dict[str, Any], ranks: Ranks = ONE_PROCESS
+) -> StageResult:
+    """Build the stage's model (seeded), load the previous student, parallelize it over the processes (several),
+    build data and callbacks, train, extract."""
     stage = run.stages[index]
     config = stage_trainer_config(run, index)
     stage_dir = Path(config.run_dir)
     finished = _finished_checkpoint(config)
     if finished is not None:
         logger.info("stage {} is complete ({}); skipping it", stage.name, finished)
-        return StageResult(stage.name, stage_dir, None, *_extract(finished, stage_dir))
+        return StageResult(stage.name, stage_dir, None, *_extract(finished, stage_dir, ranks))
     mixin = method_mixin(stage.method)
     distill = build_dataclass(mixin.config_class, stage.method_config, f"stages.{index}.method_config")
     seed_everything(config.seed)
@@ -155,28 +167,33 @@ def run_stage(run: RunConfig, index: int, previous: StageResult | None, resolved
     if init is not None:
         load_student_weights(model, init)
         logger.info("stage {} starts from {}", stage.name, init)
+    if ranks.distributed:
+        parallelize(model, build_dataclass(ParallelConfig, stage.parallel, f"stages.{index}.parallel"))
     data = resolve_object(stage.data, f"stages.{index}.data")(model, seed=config.seed, **stage.data_args)
     callbacks = [resolve_object(spec, f"stages.{index}.callbacks")(model, data) for spec in stage.callbacks]
     extra = {"run": resolved, "stage": stage.name, "initial_student": str(init) if init else None}
     result = DistillationTrainer(model, data, config, callbacks, extra_config=extra).fit()
     if not result.completed:
         return StageResult(stage.name, stage_dir, result, None, None)
-    return StageResult(stage.name, stage_dir, result, *_extract(result.checkpoint, stage_dir))
+    return StageResult(stage.name, stage_dir, result, *_extract(result.checkpoint, stage_dir, ranks))
 
 
 def run_stages(run: RunConfig) -> list[StageResult]:
     """Run every stage in order, writing the resolved config to ``<run_dir>/run_config.json`` first; stops after
-    a stage that did not complete (a signal). Every stage is checked first (:func:`check_run_config`). A signal
+    a stage that did not complete (a signal). Every stage is checked first (:func:`check_run_config`). Under
+    torchrun (``WORLD_SIZE`` > 1) the process group is initialised here and each stage's model parallelized. A signal
     outside a training loop raises :class:`~distill_mixins.trainer.signals.Signalled` (no later stage starts)."""
     check_run_config(run)
+    ranks = init_distributed(stage_trainer_config(run, 0).device)  # torchrun: WORLD_SIZE > 1
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run.to_dict()
-    write_text_atomic(run_dir / "run_config.json", json.dumps(resolved, indent=2))
+    if ranks.is_main:
+        write_text_atomic(run_dir / "run_config.json", json.dumps(resolved, indent=2))
     results: list[StageResult] = []
     with raise_on_signal():  # outside a training loop (loading, extracting) a signal raises Signalled
         for index in range(len(run.stages)):
-            results.append(run_stage(run, index, results[-1] if results else None, resolved))
+            results.append(run_stage(run, index, results[-1] if results else None, resolved, ranks))
             if not results[-1].completed:
                 break
     return results

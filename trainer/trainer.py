@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +34,20 @@ from distill_mixins.trainer.callbacks import (
 )
 from distill_mixins.trainer.config import TrainerConfig
 from distill_mixins.trainer.data import as_data_source, move_to
+from distill_mixins.trainer.distributed import (
+    any_rank,
+    local_share,
+    mean_over_ranks,
+    model_ranks,
+    rank_device,
+)
 from distill_mixins.trainer.seeding import seed_everything
 from distill_mixins.trainer.signals import StopOnSignal
 from loguru import logger
 from torch import Tensor, nn
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS = "\0loss"  # the step's loss among the scalars averaged over ranks (a key no output uses)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,9 +84,11 @@ class DistillationTrainer:
     """Train a composed distillation model on a data source with checkpoints, auto-resume and callbacks.
 
     ``data``: a :class:`~distill_mixins.trainer.data.DataSource`, a map-style dataset (with
-    ``config.batch_size``) or a ``factory(start_step) -> iterable``. ``callbacks`` come after the default
-    ones (``default_callbacks=False`` drops those). ``extra_config`` is merged into the resolved config
-    written to ``run_dir/config.json`` and into every checkpoint.
+    ``config.batch_size``) or a ``factory(start_step) -> iterable``; under several processes (the model
+    parallelized first) it gives the *global* batch and each rank trains on its equal share. ``callbacks`` come
+    after the default ones (``default_callbacks=False`` drops those; in several processes rank 0 alone has
+    them). ``extra_config`` is merged into the resolved config written to ``run_dir/config.json`` and into every
+    checkpoint.
     """
 
     def __init__(
@@ -94,12 +105,15 @@ class DistillationTrainer:
                 )
         self.model = model
         self.config = config
+        self.device = rank_device(config.device)
+        self.ranks = model_ranks(model, self.device)
+        """This process's ranks: under torchrun each rank trains on its share of every global batch."""
         self.data = as_data_source(data, batch_size=config.batch_size, seed=config.seed, shuffle=config.shuffle)
-        self.callbacks = (standard_callbacks(config) if default_callbacks else []) + list(callbacks)
+        standard = standard_callbacks(config) if default_callbacks and self.ranks.is_main else []
+        self.callbacks = standard + list(callbacks)
         self.extra_config = extra_config or {}
         self.run_dir = Path(config.run_dir)
         self.checkpointer = DistillCheckpointer(self.run_dir / "checkpoints", keep_last=config.keep_last)
-        self.device = torch.device(config.device)
         self.autocast = config.resolved_autocast()
         """The autocast that runs (``config.autocast`` with ``auto`` resolved): ``none``, ``bf16`` or ``fp16``."""
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast == "fp16" else None
@@ -109,6 +123,11 @@ class DistillationTrainer:
         self.elapsed = 0.0
         self.last_checkpoint: Path | None = None
         self._saved_iteration = -1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and writes the run's files (rank 0; always true in one process)."""
+        return self.ranks.is_main
 
     # ------------------------------------------------------------------ config
 
@@ -185,7 +204,8 @@ class DistillationTrainer:
         self.model.to(self.device)
         self.model.train()
         start = self.iteration = self._restore_or_seed()
-        write_text_atomic(self.run_dir / "config.json", json.dumps(self.resolved_config(), indent=2))
+        if self.is_main:
+            write_text_atomic(self.run_dir / "config.json", json.dumps(self.resolved_config(), indent=2))
         result = None
         try:
             for callback in self.callbacks:
@@ -213,7 +233,8 @@ class DistillationTrainer:
                 window.add(step)
                 if self.config.log_every and self.iteration % self.config.log_every == 0:
                     self.emit_metrics(step.iteration, window.flush())
-                if stop.received is not None:
+                if any_rank(stop.received is not None, self.ranks):  # every rank stops after the same iteration
+                    stop.received = stop.received or signal.SIGTERM  # a signal that reached another rank
                     reason = f"signal {stop.received.name}"
                     logger.warning("received {}: saving a checkpoint after iteration {}, then stopping.",
                                    stop.received.name, self.iteration)
@@ -269,14 +290,16 @@ class DistillationTrainer:
         phase = "student" if model.is_student_phase(iteration) else "critic"
         total, sums = 0.0, {}
         for micro in range(accum):
-            batch = move_to(self.data.batch(iteration * accum + micro), self.device)
+            batch = move_to(local_share(self.data.batch(iteration * accum + micro), self.ranks), self.device)
             with self._autocast():
                 outputs, loss = model.training_step(batch, iteration)
-            value = float(loss.detach().float().sum())
+            scalars = mean_over_ranks({**_scalar_outputs(outputs), LOSS: float(loss.detach().float().sum())},
+                                      self.ranks)  # a non-finite loss on one rank is seen by all
+            value = scalars.pop(LOSS)
             if not math.isfinite(value):
                 return self._skip(iteration, phase, value, tic)
             total += value / accum
-            for key, v in _scalar_outputs(outputs).items():
+            for key, v in scalars.items():
                 sums[key] = sums.get(key, 0.0) + v / accum
             if accum > 1:
                 loss = loss / accum

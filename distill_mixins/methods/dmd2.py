@@ -177,16 +177,21 @@ class DMD2Mixin(DistillationCoreMixin):
         ts = self.student_times()
         n = len(ts)
         if n > 1 and config.backward_simulation and simulate:
-            n = int(torch.randint(1, len(ts) + 1, ()).item())
+            n = self.draws.shared_randint(1, len(ts) + 1)  # the same on every rank
         x_t = initial_state(noise, ts[0], self.sigma_data)
         with torch.no_grad():
             for k in range(n - 1):
                 x0 = self.trigflow_denoise(self.net, x_t, ts[k], data.condition).x0
-                x_t = renoise_state(
-                    x_t, x0, float(ts[k]), float(ts[k + 1]), noise, config.renoise, sigma_data=self.sigma_data
-                )
+                x_t = self._renoise(x_t, x0, float(ts[k]), float(ts[k + 1]), noise)
         with nullcontext() if grad else torch.no_grad():
             return self.trigflow_denoise(self.net, x_t, ts[n - 1], data.condition).x0
+
+    def _renoise(self, x_t: Tensor, x0: Tensor, t: float, s: float, noise: Tensor) -> Tensor:
+        """:func:`renoise_state` with fresh noise from the step's draws (so it does not depend on the batch split)."""
+        mode = self.distill_config.renoise
+        if mode == "fresh":
+            noise, mode = self.draws.randn_like(noise), "initial"  # fresh noise, given explicitly
+        return renoise_state(x_t, x0, t, s, noise, mode, sigma_data=self.sigma_data)
 
     def teacher_x0(self, data: DistillBatch, x_t: Tensor, t: Tensor, x0_cond: Tensor | None = None) -> Tensor:
         """Teacher x0 with CFG ``x0_u + w (x0_c - x0_u)`` (the negative condition if configured), no gradient.
@@ -241,10 +246,10 @@ class DMD2Mixin(DistillationCoreMixin):
     def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """Student phase: DMD gradient of the re-noised student sample (+ the generator GAN term)."""
         config: DMD2Config = self.distill_config  # type: ignore[assignment]
-        noise = torch.randn_like(data.x0)
+        noise = self.draws.randn_like(data.x0)
         G = self.student_sample(data, noise, grad=True)
         t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
-        x_t = add_noise(G, torch.randn_like(G), t, self.sigma_data)
+        x_t = add_noise(G, self.draws.randn_like(G), t, self.sigma_data)
         logits, x0_tapped = self._discriminate(data, x_t, t) if self.gan_enabled else (None, None)
         source = config.discriminator.source if self.gan_enabled else None  # type: ignore[union-attr]
         x0_teacher = self.teacher_x0(data, x_t.detach(), t, x0_tapped if source == "teacher" else None)
@@ -272,9 +277,9 @@ class DMD2Mixin(DistillationCoreMixin):
         """Critic phase: fake-score denoising loss on student samples (+ discriminator loss and R1)."""
         config: DMD2Config = self.distill_config  # type: ignore[assignment]
         simulate = config.critic_samples == "simulated"
-        G = self.student_sample(data, torch.randn_like(data.x0), grad=False, simulate=simulate)
+        G = self.student_sample(data, self.draws.randn_like(data.x0), grad=False, simulate=simulate)
         t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
-        eps = torch.randn_like(G)
+        eps = self.draws.randn_like(G)
         x_t = add_noise(G, eps, t, self.sigma_data)
         output: dict[str, Tensor] = {}
         if not self.gan_enabled:

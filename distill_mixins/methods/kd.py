@@ -110,9 +110,8 @@ class KDMixin(DistillationCoreMixin):
         if len(ts) == 1:
             t = ts[0].expand(noise.shape[0]).to(noise.device)
             return initial_state(noise, ts[0], self.sigma_data), t
-        k = torch.randint(0, len(ts), (noise.shape[0],), device=noise.device)
-        t = ts.to(noise.device)[k]
         if self.distill_config.multistep_input == "interpolated":
+            t = ts.to(noise.device)[self._draw_steps(noise.shape[0], len(ts), noise.device)]
             return add_noise(_batch_tensor(batch, KD_TEACHER_X0), noise, t, self.sigma_data), t
         path = _batch_tensor(batch, KD_PATH, hint="multi-step KD needs the teacher's ODE states at the student times")
         if path.ndim != noise.ndim + 1 or path.shape[1] != len(ts) or path.shape[2:] != noise.shape[1:]:
@@ -124,7 +123,12 @@ class KDMixin(DistillationCoreMixin):
         path_t = kd_field(batch, KD_PATH_T)
         if path_t is not None:
             self._check_path_times(path_t, ts)
-        return path[torch.arange(noise.shape[0], device=path.device), k.to(path.device)], t
+        k = self._draw_steps(noise.shape[0], len(ts), noise.device)
+        return path[torch.arange(noise.shape[0], device=path.device), k.to(path.device)], ts.to(noise.device)[k]
+
+    def _draw_steps(self, n: int, steps: int, device: torch.device) -> Tensor:
+        """One student step index per sample, uniform on 0..steps-1 (the step's draws), (n,) long."""
+        return self.draws.per_sample(n, lambda g: torch.randint(0, steps, (1,), generator=g)).to(device)
 
     def _check_path_times(self, path_t: Tensor, ts: Tensor) -> None:
         gap = (path_t.double().cpu() - ts[None, :]).abs().max()

@@ -122,11 +122,11 @@ class RefinedKDMixin(DistillationCoreMixin):
     def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """``0.5 mean (G - sg(refine(G)))^2`` for the student's one-step sample G of fresh unit noise."""
         config: RefinedKDConfig = self.distill_config  # type: ignore[assignment]
-        eps = torch.randn_like(data.x0)
+        eps = self.draws.randn_like(data.x0)
         t = self.student_times()[0]
         x_t = initial_state(eps, t, self.sigma_data)
         G = self.trigflow_denoise(self.net, x_t, t.expand(eps.shape[0]).to(eps.device), data.condition).x0
-        eps_r = eps if config.refine_noise == "same" else torch.randn_like(eps)
+        eps_r = eps if config.refine_noise == "same" else self.draws.randn_like(eps)
         x0_refined = self.refine(data, G, eps_r)
         loss = 0.5 * (G.float() - x0_refined.float()).pow(2).mean()
         return {"loss_refined_kd": loss.detach()}, loss

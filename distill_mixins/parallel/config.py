@@ -1,0 +1,72 @@
+"""ParallelConfig: how :func:`~distill_mixins.parallel.parallelize` spreads a composed model over the ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill_mixins.config import check_choice, config_to_dict
+from distill_mixins.precision import check_precision
+
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
+"""``ddp``: every rank holds every network, gradients all-reduced; ``fsdp``: FSDP2 shards every network over all
+ranks; ``hsdp``: FSDP2 on a 2-D mesh, replicated across ``dp_replicate`` groups, sharded within each."""
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism of one training job (ARCHITECTURE.md, "Distributed").
+
+    ``dp_shard=-1`` takes the world size divided by ``dp_replicate``. ``ddp`` needs ``dp_shard`` 1 or -1 and
+    ``fsdp`` needs ``dp_replicate`` 1. ``precision``: ``auto`` computes in bf16 (reducing gradients in float32)
+    where the device has native bf16, float32 otherwise (:mod:`distill_mixins.precision`).
+    """
+
+    mode: str = "fsdp"
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    precision: str = "auto"
+    reshard_after_forward: bool = True
+    """FSDP: free each trainable network's gathered parameters after its forward (the frozen teacher always is)."""
+    activation_checkpointing: str | int = "none"
+    """``none``, ``full`` (every block of the trainable networks) or k (every k-th block): recompute activations
+    in backward instead of keeping them."""
+
+    def __post_init__(self) -> None:
+        check_choice("ParallelConfig", "mode", self.mode, PARALLEL_MODES)
+        for name in ("dp_replicate", "dp_shard"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not (value >= 1 or value == -1):
+                raise ValueError(f"ParallelConfig.{name}={value!r}: give an int >= 1 (or -1 for dp_shard: the rest).")
+        if self.dp_replicate == -1:
+            raise ValueError("ParallelConfig.dp_replicate=-1: give the number of replica groups (an int >= 1).")
+        if self.mode == "ddp" and self.dp_shard not in (1, -1):
+            raise ValueError(
+                f"ParallelConfig.dp_shard={self.dp_shard} with mode='ddp': ddp does not shard; use mode='hsdp'."
+            )
+        if self.mode == "fsdp" and self.dp_replicate != 1:
+            raise ValueError(
+                f"ParallelConfig.dp_replicate={self.dp_replicate} with mode='fsdp': fsdp shards over all ranks; "
+                "use mode='hsdp' to replicate across groups."
+            )
+        check_precision(self.precision, "ParallelConfig.precision")
+        from distill_mixins.parallel.activation import check_activation_checkpointing
+
+        self.activation_checkpointing = check_activation_checkpointing(self.activation_checkpointing)
+
+    def mesh_shape(self, world_size: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """``(shape, dim names)`` of the device mesh at ``world_size`` ranks; an error names sizes that do not fit."""
+        if self.mode == "ddp":  # a shard dimension of size 1: FSDP2 then replicates whole parameters
+            return (world_size, 1), ("dp_replicate", "dp_shard")
+        shard = world_size // self.dp_replicate if self.dp_shard == -1 else self.dp_shard
+        if self.dp_replicate * shard != world_size:
+            raise ValueError(
+                f"ParallelConfig dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} does not make the world "
+                f"size {world_size}: choose sizes whose product is {world_size} (dp_shard=-1 takes the rest)."
+            )
+        if self.mode == "fsdp":
+            return (shard,), ("dp_shard",)
+        return (self.dp_replicate, shard), ("dp_replicate", "dp_shard")
+
+    def to_dict(self) -> dict[str, object]:
+        """The config as JSON-ready values."""
+        return config_to_dict(self)

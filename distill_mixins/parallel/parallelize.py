@@ -1,0 +1,183 @@
+"""parallelize: data parallelism applied to a composed distillation model from outside (ARCHITECTURE.md,
+"Distributed").
+
+Each **network** (student ``net``, critic ``net_fake_score``, discriminator ``net_discriminator``, EMA ``net_ema``,
+frozen teacher ``net_teacher``) is wrapped on its own, never the composed model (``fully_shard`` swaps a module's
+class, which would break a mixin class composed with a host):
+
+- ``ddp``: FSDP2 on a (world x 1) mesh, i.e. whole parameters on every rank with gradients all-reduced, one unit
+  per trainable network (a phase reduces only the gradients its networks received, no
+  ``find_unused_parameters``); the teacher and the EMA stay plain copies;
+- ``fsdp`` / ``hsdp``: FSDP2 ``fully_shard`` on each network's blocks then on its root, over a 1-D mesh (shard)
+  or a 2-D mesh (replicate x shard); the teacher reshards after every forward, the EMA is sharded like the student
+  so its update runs on local shards.
+
+Parameters become DTensors; the method code does not change. Gradient clipping in
+:meth:`~distill_mixins.core.DistillationCoreMixin.clip_gradients` takes the norm of each network over all of its
+shards. Draws depend on the sample's global index (:mod:`distill_mixins.draws`): one process and N processes give
+the same update for the same global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from distill_mixins.core import DistillationCoreMixin
+from distill_mixins.parallel.activation import checkpoint_networks, network_blocks
+from distill_mixins.parallel.config import ParallelConfig
+from distill_mixins.parallel.meta import target_device
+from distill_mixins.precision import resolve_precision
+
+NETWORKS = ("net", "net_fake_score", "net_discriminator", "net_ema", "net_teacher")
+"""The networks of a composed model that :func:`parallelize` wraps, each on its own."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What :func:`parallelize` did: the mesh, the data-parallel rank and size, and how each network is held
+    (``"sharded"``, ``"replicated"`` (gradients all-reduced) or ``"copy"`` (a plain copy on every rank))."""
+
+    mesh: DeviceMesh
+    mode: str
+    dp_rank: int
+    dp_size: int
+    networks: dict[str, str]
+    precision: str
+    checkpointed_blocks: dict[str, int]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def build_mesh(config: ParallelConfig, device_type: str) -> DeviceMesh:
+    """The data-parallel device mesh of ``config`` over the default process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "parallelize needs a process group: launch with torchrun (e.g. `torchrun --nproc_per_node=2 -m "
+            "distill_mixins.cli train --config run.json`) or call torch.distributed.init_process_group first."
+        )
+    shape, names = config.mesh_shape(dist.get_world_size())
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
+def mixed_precision(config: ParallelConfig, device: torch.device) -> tuple[MixedPrecisionPolicy, str]:
+    """FSDP2's policy for the resolved precision: bf16 compute with float32 gradient reduction, or float32."""
+    precision = resolve_precision(config.precision, device)
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), precision
+    return MixedPrecisionPolicy(), precision
+
+
+def _blocks(model: nn.Module, net: nn.Module) -> list[nn.Module]:
+    """The network's blocks when it has any (they become their own sharding units), else none (root only)."""
+    try:
+        return network_blocks(model, net)
+    except ValueError:
+        return []
+
+
+def _contiguous(name: str, net: nn.Module) -> None:
+    """FSDP2 shards contiguous parameters only: move channels-last weights back to the default layout."""
+    if any(not p.is_contiguous() for p in net.parameters()):
+        logger.info("parallelize: {} has channels-last parameters; FSDP needs contiguous ones (converted)", name)
+        net.to(memory_format=torch.contiguous_format)
+
+
+def sharding_units(model: nn.Module, net: nn.Module) -> list[nn.Module]:
+    """The modules of ``net`` that become their own FSDP units, children before parents: its blocks, then every other
+    module that holds parameters itself (stem, embeddings, head). With no parameters left in the root unit, a
+    backward that reaches the stem without passing the root's output (the GAN generator term through a tapped
+    network whose output is detached) still gathers what it needs, through each unit's own pre-backward hook."""
+    blocks = _blocks(model, net)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    others = [
+        m for m in reversed(list(net.modules()))
+        if m is not net and id(m) not in inside and any(True for _ in m.parameters(recurse=False))
+    ]
+    return blocks + others
+
+
+def _shard(model: nn.Module, net: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+    for unit in sharding_units(model, net):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+def _average_gradients(net: nn.Module) -> None:
+    """All-reduce each gradient as it is accumulated and divide by the world size (DDP by hooks). Unlike FSDP, it
+    keeps the weights in place, so a double backward (R1 through the GAN heads) works."""
+    world = dist.get_world_size()
+
+    def average(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+    for p in net.parameters():
+        p.register_post_accumulate_grad_hook(average)
+
+
+def _check_r1(model: nn.Module, config: ParallelConfig) -> None:
+    distill = model.distill_config
+    disc = getattr(distill, "discriminator", None)
+    if config.mode == "ddp" or disc is None or getattr(distill, "gan_loss_weight", 0.0) <= 0 or disc.r1_weight <= 0:
+        return
+    raise ValueError(
+        f"ParallelConfig.mode={config.mode!r} with the R1 penalty (DiscriminatorConfig.r1_weight={disc.r1_weight}): "
+        f"R1 differentiates twice through the tapped {disc.source} network, and FSDP frees its gathered weights after "
+        "the first backward. Use mode='ddp', or set r1_weight=0 (not supported yet under sharding)."
+    )
+
+
+def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: DeviceMesh | None = None) -> ParallelPlan:
+    """Spread ``model``'s networks over the ranks as ``config`` says (call it after construction, before the first
+    training step builds the optimizers). ``mesh``: an explicit data-parallel mesh (else built from ``config``)."""
+    if not isinstance(model, DistillationCoreMixin):
+        raise TypeError(f"parallelize needs a composed distillation model, got {type(model).__name__}.")
+    if model.optimizers_built:
+        raise RuntimeError(
+            "parallelize after the optimizers were built: call it right after constructing the model, before the "
+            "first training_step or optimizers() call (the optimizers must hold the sharded parameters)."
+        )
+    _check_r1(model, config)
+    device = target_device(model, mesh)  # a model built on meta (parallel/meta.py): the device it will live on
+    mesh = build_mesh(config, device.type) if mesh is None else mesh
+    policy, precision = mixed_precision(config, device)
+    checkpointed = checkpoint_networks(model, config.activation_checkpointing)  # before sharding
+    held = {}
+    for name in NETWORKS:
+        net = model._modules.get(name)
+        if net is None:
+            continue
+        _contiguous(name, net)
+        if name == "net_discriminator":  # small heads: whole on every rank, gradients all-reduced by hooks
+            _average_gradients(net)
+            held[name] = "replicated"
+        elif config.mode == "ddp":  # FSDP2 on a (world x 1) mesh: whole parameters everywhere, gradients all-reduced
+            trainable = name in model.trainable_networks()
+            if trainable:
+                fully_shard(net, mesh=mesh, mp_policy=policy)
+            held[name] = "replicated" if trainable else "copy"
+        else:
+            reshard = True if name == "net_teacher" else config.reshard_after_forward
+            _shard(model, net, mesh, policy, reshard)
+            held[name] = "sharded"
+    rank, size = mesh.get_rank(), mesh.size()
+    model.set_data_parallel(rank, size)
+    model.optimizers()  # built now, over the sharded parameters (a module mid-forward holds gathered ones)
+    logger.info("parallelize: {} over {} ranks (mesh {}), precision {}, networks {}", config.mode, size,
+                tuple(mesh.shape), precision, held)
+    return ParallelPlan(mesh, config.mode, rank, size, held, precision, checkpointed)
+
+
+__all__ = ["NETWORKS", "ParallelPlan", "build_mesh", "mixed_precision", "model_device", "parallelize"]

@@ -1,0 +1,106 @@
+"""Draws: per-sample randomness independent of the batch split, shared decisions equal on every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill_mixins import DMD2Config, DMD2Mixin, OptimizerConfig
+from distill_mixins.draws import DrawContext, Draws
+from distill_mixins.testing import MLPDenoiser, ToyHost, mixture_batch, ring_mixture
+from distill_mixins.trigflow import sample_time
+
+SHAPE = (2, 2, 1, 1)
+
+
+def test_a_split_batch_draws_what_the_whole_batch_draws():
+    x = torch.zeros(8, *SHAPE)
+    whole = Draws(DrawContext(seed=3, iteration=5))
+    halves = [Draws(DrawContext(seed=3, iteration=5, first_index=4 * r)) for r in range(2)]
+    for _ in range(3):  # the streams of successive draws line up too
+        expected = whole.randn_like(x)
+        parts = [d.randn_like(x[:4]) for d in halves]
+        assert torch.equal(torch.cat(parts), expected)
+
+
+def uniforms(iteration: int = 0, micro: int = 0, seed: int = 0) -> torch.Tensor:
+    draws = Draws(DrawContext(seed=seed, iteration=iteration, micro=micro))
+    return draws.per_sample(6, lambda g: torch.rand(1, dtype=torch.float64, generator=g))
+
+
+def test_per_sample_draws_use_a_generator_each_and_differ_between_samples_micro_batches_and_iterations():
+    t = uniforms()
+    assert t.shape == (6,) and len(set(t.tolist())) == 6
+    assert torch.equal(t, uniforms())
+    for other in (uniforms(iteration=1), uniforms(micro=1), uniforms(seed=1)):
+        assert not torch.equal(t, other)
+
+
+def test_shared_decisions_do_not_depend_on_the_rank():
+    for it in range(20):
+        values = {Draws(DrawContext(seed=1, iteration=it, first_index=8 * r)).shared_randint(1, 5) for r in range(4)}
+        assert len(values) == 1
+    drawn = {Draws(DrawContext(seed=1, iteration=it)).shared_randint(1, 5) for it in range(200)}
+    assert drawn == {1, 2, 3, 4}
+
+
+def test_bad_contexts_name_the_field():
+    with pytest.raises(ValueError, match="DrawContext.first_index"):
+        DrawContext(seed=0, iteration=0, first_index=-1)
+    with pytest.raises(ValueError, match="DrawContext.seed"):
+        DrawContext(seed=True, iteration=0)
+
+
+class NeuralDMD2(DMD2Mixin, ToyHost):
+    """A tiny MLP host with DMD2."""
+
+
+def make(seed: int = 0) -> NeuralDMD2:
+    torch.manual_seed(0)
+    adam = OptimizerConfig(name="adam", lr=1e-3, weight_decay=0.0)
+    config = DMD2Config(student_schedule="cosmos_4step", student_optimizer=adam, critic_optimizer=adam, seed=seed,
+                        student_update_freq=2)
+    return NeuralDMD2(MLPDenoiser(SHAPE, "rf_velocity", num_labels=2, hidden=16, depth=2), "rf_velocity",
+                      distill=config)
+
+
+@pytest.mark.parametrize("iteration", [0, 1])  # a student phase, a critic phase
+def test_the_halves_of_a_batch_on_two_ranks_average_to_the_whole_batch_loss(iteration):
+    """A DMD2 step on each half of a batch, as data-parallel ranks 0 and 1 of 2, draws each sample's noise, time and
+    (shared) simulated step count as the whole batch does: the two losses average to the whole batch's."""
+    batch = mixture_batch(ring_mixture(shape=SHAPE), 8, torch.Generator().manual_seed(0))
+    whole = make().training_step(batch, iteration)[1]
+    halves = []
+    for rank in range(2):
+        model = make()
+        model.set_data_parallel(rank, 2)
+        halves.append(model.training_step({k: v[4 * rank : 4 * rank + 4] for k, v in batch.items()}, iteration)[1])
+    assert torch.allclose((halves[0] + halves[1]) / 2, whole, rtol=1e-6, atol=1e-9)
+
+
+def test_the_method_seed_changes_the_draws_and_the_global_seed_does_not():
+    batch = mixture_batch(ring_mixture(shape=SHAPE), 8, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    a = make(seed=0).training_step(batch, 0)[1]
+    torch.manual_seed(2)
+    b = make(seed=0).training_step(batch, 0)[1]
+    c = make(seed=1).training_step(batch, 0)[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_draws_outside_a_step_say_how_to_get_them():
+    model = make()
+    with pytest.raises(RuntimeError, match="with model.drawing"):
+        model.draws.randn_like(torch.zeros(2, *SHAPE))
+    with model.drawing(3, 2) as draws:
+        assert draws.context.iteration == 3 and model.draws is draws
+
+
+def test_sample_time_of_one_sample_per_generator_matches_a_generator_per_sample():
+    from distill_mixins.config import TimeSamplerConfig
+
+    config = TimeSamplerConfig()
+    draws = Draws(DrawContext(seed=0, iteration=0))
+    t = draws.per_sample(4, lambda g: sample_time(1, config, 1.0, generator=g))
+    gens = Draws(DrawContext(seed=0, iteration=0)).generators(4)
+    assert torch.equal(t, torch.cat([sample_time(1, config, 1.0, generator=g) for g in gens]))
