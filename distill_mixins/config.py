@@ -142,6 +142,9 @@ class TimeSamplerConfig:
             )
 
 
+DRAWS = ("global", "per_sample")
+
+
 @dataclass
 class DistillConfig:
     """Settings every method shares; each method subclasses it (``KDConfig``, ``DMD2Config``).
@@ -170,12 +173,16 @@ class DistillConfig:
     the noise implied by the current state ('ode', deterministic DDIM; for multi-step KD students)."""
     conditional_sigma: float = 1e-4
     """Noise level given to ground-truth frames of a Video2World condition."""
+    draws: str = "global"
+    """Random draws of training steps (:mod:`distill_mixins.draws`): ``global`` (the torch RNG, one process) or
+    ``per_sample`` (each sample's noise and time seeded by (``seed``, iteration, its global index): the same however
+    the batch is split; always used under data parallelism, where ``parallelize`` needs it)."""
     seed: int = 0
-    """Seed of the method's random draws in training steps (noise, times, backward-simulation steps): each sample's
-    draws depend on (seed, iteration, its global index), not on the number of ranks (:mod:`distill_mixins.draws`)."""
+    """Seed of the ``per_sample`` draws (the ``global`` draws follow the torch RNG, e.g. the trainer's seed)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_choice(name, "draws", self.draws, DRAWS)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"{name}.seed={self.seed!r} must be an int >= 0.")
         if not isinstance(self.student_update_freq, int) or self.student_update_freq < 1:

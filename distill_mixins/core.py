@@ -256,13 +256,20 @@ class DistillationCoreMixin(TrigFlowMixin):
 
     @property
     def draws(self) -> Draws:
-        """The current training step's random draws (:mod:`distill_mixins.draws`); only inside a training step."""
+        """The current training step's random draws (:mod:`distill_mixins.draws`); per-sample draws only inside a
+        training step (global draws, the default in one process, anywhere)."""
         if self._draws is None:
+            if not self._per_sample_draws:  # global draws need no step: they are the torch RNG's
+                return Draws(DrawContext(self.distill_config.seed, 0, per_sample=False))
             raise RuntimeError(
                 "model.draws is only available inside training_step (it is seeded by the iteration); to call a "
                 "method's pieces yourself, wrap them in `with model.drawing(iteration, batch_size):`."
             )
         return self._draws
+
+    @property
+    def _per_sample_draws(self) -> bool:
+        return self.distill_config.draws == "per_sample" or self.data_parallel_size > 1
 
     @contextmanager
     def drawing(self, iteration: int, local_batch: int, micro: int = 0) -> Iterator[Draws]:
@@ -270,7 +277,8 @@ class DistillationCoreMixin(TrigFlowMixin):
         ``local_batch`` samples, as :meth:`training_step` does; e.g. to call a method's pieces (``student_sample``)
         outside a step."""
         first = self.data_parallel_rank * local_batch
-        previous, self._draws = self._draws, Draws(DrawContext(self.distill_config.seed, iteration, micro, first))
+        context = DrawContext(self.distill_config.seed, iteration, micro, first, self._per_sample_draws)
+        previous, self._draws = self._draws, Draws(context)
         try:
             yield self._draws
         finally:
@@ -362,7 +370,7 @@ class DistillationCoreMixin(TrigFlowMixin):
         Inside a training step without ``generator``: one time per sample from the step's draws."""
         t_max = max_time(self.scaling, self.sigma_data, self.distill_config.sigma_max)
         if generator is None and self._draws is not None:
-            t = self._draws.per_sample(n, lambda g: sample_time(1, config, self.sigma_data, generator=g))
+            t = self._draws.per_sample(n, lambda g, k: sample_time(k, config, self.sigma_data, generator=g))
         else:
             t = sample_time(n, config, self.sigma_data, generator=generator)
         return t.clamp(max=t_max)

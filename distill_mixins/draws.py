@@ -31,6 +31,8 @@ class DrawContext:
     iteration: int
     micro: int = 0
     first_index: int = 0
+    per_sample: bool = True
+    """False: every draw comes from the global torch RNG, as plain ``torch.randn_like`` would (one process only)."""
 
     def __post_init__(self) -> None:
         for name in ("seed", "iteration", "micro", "first_index"):
@@ -67,17 +69,25 @@ class Draws:
         ]
 
     def randn_like(self, x: Tensor) -> Tensor:
-        """Unit normal noise shaped like ``x`` (B, ...), sample by sample."""
+        """Unit normal noise shaped like ``x`` (B, ...), sample by sample (global RNG: ``torch.randn_like``)."""
+        if not self.context.per_sample:
+            return torch.randn_like(x)
         gens = self.generators(x.shape[0], x.device)
         return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in gens])
 
-    def per_sample(self, n: int, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
-        """``torch.cat([draw(g_0), ..., draw(g_{n-1})])``: e.g. one training time per sample from a sampler that takes
-        a generator (each ``draw`` returns a (1, ...) tensor)."""
-        return torch.cat([draw(g) for g in self.generators(n)])
+    def per_sample(self, n: int, draw: Callable[[torch.Generator | None, int], Tensor]) -> Tensor:
+        """``n`` values, one per sample: ``torch.cat([draw(g_0, 1), ..., draw(g_{n-1}, 1)])`` with per-sample
+        generators, or ``draw(None, n)`` from the global RNG; e.g. training times from a sampler taking a generator
+        and a count."""
+        if not self.context.per_sample:
+            return draw(None, n)
+        return torch.cat([draw(g, 1) for g in self.generators(n)])
 
     def shared_randint(self, low: int, high: int) -> int:
-        """An int in ``[low, high)`` that every rank draws alike (no sample index in its seed)."""
+        """An int in ``[low, high)`` that every rank draws alike (no sample index in its seed; global RNG: the
+        one process's own)."""
+        if not self.context.per_sample:
+            return int(torch.randint(low, high, ()).item())
         c, stream = self.context, self._next_stream()
         g = torch.Generator().manual_seed(mixed_seed(c.seed, c.iteration, c.micro, stream, _SHARED))
         return int(torch.randint(low, high, (), generator=g))

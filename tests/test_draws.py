@@ -25,7 +25,7 @@ def test_a_split_batch_draws_what_the_whole_batch_draws():
 
 def uniforms(iteration: int = 0, micro: int = 0, seed: int = 0) -> torch.Tensor:
     draws = Draws(DrawContext(seed=seed, iteration=iteration, micro=micro))
-    return draws.per_sample(6, lambda g: torch.rand(1, dtype=torch.float64, generator=g))
+    return draws.per_sample(6, lambda g, k: torch.rand(k, dtype=torch.float64, generator=g))
 
 
 def test_per_sample_draws_use_a_generator_each_and_differ_between_samples_micro_batches_and_iterations():
@@ -59,7 +59,7 @@ def make(seed: int = 0) -> NeuralDMD2:
     torch.manual_seed(0)
     adam = OptimizerConfig(name="adam", lr=1e-3, weight_decay=0.0)
     config = DMD2Config(student_schedule="cosmos_4step", student_optimizer=adam, critic_optimizer=adam, seed=seed,
-                        student_update_freq=2)
+                        student_update_freq=2, draws="per_sample")
     return NeuralDMD2(MLPDenoiser(SHAPE, "rf_velocity", num_labels=2, hidden=16, depth=2), "rf_velocity",
                       distill=config)
 
@@ -88,6 +88,23 @@ def test_the_method_seed_changes_the_draws_and_the_global_seed_does_not():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_global_draws_are_the_torch_rng_and_the_default_in_one_process():
+    batch = mixture_batch(ring_mixture(shape=SHAPE), 8, torch.Generator().manual_seed(0))
+    model = make()
+    model.distill_config.draws = "global"
+    torch.manual_seed(5)
+    a = model.training_step(batch, 0)[1]
+    model = make()
+    model.distill_config.draws = "global"
+    torch.manual_seed(5)
+    assert torch.equal(model.training_step(batch, 0)[1], a)
+    from distill_mixins import DistillConfig
+
+    assert DistillConfig().draws == "global"
+    with pytest.raises(ValueError, match="DistillConfig.draws='sample'"):
+        DistillConfig(draws="sample")
+
+
 def test_draws_outside_a_step_say_how_to_get_them():
     model = make()
     with pytest.raises(RuntimeError, match="with model.drawing"):
@@ -101,6 +118,6 @@ def test_sample_time_of_one_sample_per_generator_matches_a_generator_per_sample(
 
     config = TimeSamplerConfig()
     draws = Draws(DrawContext(seed=0, iteration=0))
-    t = draws.per_sample(4, lambda g: sample_time(1, config, 1.0, generator=g))
+    t = draws.per_sample(4, lambda g, k: sample_time(k, config, 1.0, generator=g))
     gens = Draws(DrawContext(seed=0, iteration=0)).generators(4)
     assert torch.equal(t, torch.cat([sample_time(1, config, 1.0, generator=g) for g in gens]))

@@ -32,10 +32,10 @@ def build(method: str, r1: bool = True) -> ToyHost:
     """The composed model of ``method``, the same weights in every process (GAN with R1 when ``r1``)."""
     torch.manual_seed(0)
     if method == "kd":
-        return ConvKD(TinyConvNet(), "rf_velocity", distill=KDConfig(student_optimizer=_adam()))
+        return ConvKD(TinyConvNet(), "rf_velocity", distill=KDConfig(student_optimizer=_adam(), draws="per_sample"))
     config = {
         "student_update_freq": 2, "student_schedule": "cosmos_4step", "backward_simulation": True,
-        "ema": EMAConfig(halflife_steps=2.0), "guidance_scale": 2.0,
+        "ema": EMAConfig(halflife_steps=2.0), "guidance_scale": 2.0, "draws": "per_sample",  # as N processes draw
         "student_optimizer": _adam(), "critic_optimizer": _adam(),
     }
     if method == "dmd2_gan":
@@ -148,6 +148,7 @@ def test_parallelize_without_a_process_group_says_how_to_launch():
         ({"dp_shard": 0}, "ParallelConfig.dp_shard=0"),
         ({"precision": "fp8"}, "ParallelConfig.precision='fp8'"),
         ({"activation_checkpointing": "some"}, "ParallelConfig.activation_checkpointing"),
+        ({"attention_backend": "flash4"}, "ParallelConfig.attention_backend"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):

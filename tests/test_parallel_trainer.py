@@ -118,6 +118,7 @@ def test_torchrun_runs_the_stages_of_a_run_config_like_one_process(tmp_path):
         for stage in config["stages"]:
             stage["trainer"].update(batch_size=8, progress=False, validate_every=3)
             stage["parallel"] = {"mode": "fsdp"}
+            stage["method_config"]["draws"] = "per_sample"  # what the two processes draw
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(config))
         command = [*launcher, "-m", "distill_mixins.cli", "train", "--config", str(path)]

@@ -30,6 +30,10 @@ class ParallelConfig:
     activation_checkpointing: str | int = "none"
     """``none``, ``full`` (every block of the trainable networks) or k (every k-th block): recompute activations
     in backward instead of keeping them."""
+    attention_backend: str = "auto"
+    """The attention dispatch for library attention paths (:mod:`distill_mixins.parallel.attention`): ``auto``
+    (flash-attn on CUDA when installed and the dtype and shape fit, else SDPA), ``flash3``, ``flash2``, ``sdpa``,
+    ``math``."""
 
     def __post_init__(self) -> None:
         check_choice("ParallelConfig", "mode", self.mode, PARALLEL_MODES)
@@ -52,6 +56,9 @@ class ParallelConfig:
         from distill_mixins.parallel.activation import check_activation_checkpointing
 
         self.activation_checkpointing = check_activation_checkpointing(self.activation_checkpointing)
+        from distill_mixins.parallel.attention import check_attention_backend
+
+        check_attention_backend(self.attention_backend, "ParallelConfig.attention_backend")
 
     def mesh_shape(self, world_size: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """``(shape, dim names)`` of the device mesh at ``world_size`` ranks; an error names sizes that do not fit."""

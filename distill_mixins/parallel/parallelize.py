@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from distill_mixins.core import DistillationCoreMixin
 from distill_mixins.parallel.activation import checkpoint_networks, network_blocks
+from distill_mixins.parallel.attention import set_attention_backend
 from distill_mixins.parallel.config import ParallelConfig
 from distill_mixins.parallel.meta import target_device
 from distill_mixins.precision import resolve_precision
@@ -153,6 +154,7 @@ def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: Devi
     device = target_device(model, mesh)  # a model built on meta (parallel/meta.py): the device it will live on
     mesh = build_mesh(config, device.type) if mesh is None else mesh
     policy, precision = mixed_precision(config, device)
+    set_attention_backend(config.attention_backend)  # the process default of the library's attention dispatch
     checkpointed = checkpoint_networks(model, config.activation_checkpointing)  # before sharding
     held = {}
     for name in NETWORKS:

@@ -104,11 +104,11 @@ class DemoConfig:
     guidance: float = 3.0
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
     kd_iterations: int = 300
-    dmd2_iterations: int = 120
+    dmd2_iterations: int = 150
     dmd2_refine_weight: float = 20.0
     """Weight of DMD2's refine term (:class:`~distill_mixins.methods.DMD2Config` ``refine_weight``, re-noised to
     ``refine_tau``, ``refine_teacher_steps`` teacher steps); 0 runs plain DMD2."""
-    refine_iterations: int = 320
+    refine_iterations: int = 240
     """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage."""
     refine_tau: float = 0.35
     """Rectified-flow time the student's sample is re-noised to (0.35: 65% signal)."""
