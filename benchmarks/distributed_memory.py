@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distill_mixins.trainer.distributed import Ranks, local_share
 from loguru import logger
 
 from distill_mixins import DMD2Config, DMD2Mixin
@@ -94,11 +95,6 @@ def global_batch(n: int) -> dict[str, Any]:
     return next(clip_batches(n, DATA_SEED, n))
 
 
-def local_batch(batch: dict[str, Any], rank: int, share: int) -> dict[str, Any]:
-    """This rank's ``share`` of the global batch."""
-    return {key: value[rank * share : (rank + 1) * share] for key, value in batch.items()}
-
-
 def formula_networks(model: ToyDMD2) -> dict[str, NetworkMemory]:
     """The formula's description of every module with parameters (the text encoder is never sharded)."""
     described = {}
@@ -130,7 +126,7 @@ def measure_mode(rank: int, world_size: int, mode: str, args: argparse.Namespace
     described = formula_networks(model)
     estimate = estimate_memory(list(described.values()), mode, world_size)
     plan = parallelize(model, ParallelConfig(mode=mode, precision=args.precision))
-    batch = local_batch(global_batch(args.batch * world_size), rank, args.batch)
+    batch = local_share(global_batch(args.batch * world_size), Ranks(rank, world_size, rank, world_size))
     optimizers = model.optimizers()
     setup = time.perf_counter()
     measured: dict[str, NetworkBytes] = {}

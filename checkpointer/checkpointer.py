@@ -55,7 +55,6 @@ from distill_mixins.checkpointer.sharded import (
     Ranks,
     is_sharded,
     load_network,
-    local,
     process_rank,
     rng_file,
     save_network,
@@ -65,6 +64,8 @@ from distill_mixins.checkpointer.sharded import (
 from loguru import logger
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from distill_mixins.core import local
 
 FORMAT = "distill-mixins-checkpoint/1"
 NETWORK_FILES: dict[str, str] = {

@@ -54,11 +54,6 @@ def is_sharded(net: nn.Module) -> bool:
     return fsdp or any(isinstance(p, DTensor) for p in net.parameters())
 
 
-def local(tensor: Tensor) -> Tensor:
-    """This rank's part of a DTensor, or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def rng_file(rank: int) -> str:
     """Checkpoint-relative file of rank ``rank``'s RNG states in a sharded checkpoint."""
     return f"rng/rank_{rank}.pt"

@@ -9,11 +9,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from distill_mixins.draws import mixed_seed as draws_mixed_seed
+
 
 def mixed_seed(seed: int, index: int) -> int:
     """A 63-bit seed for item ``index`` (an epoch, a micro-batch, a sample) of a run seeded ``seed``: numpy
     ``SeedSequence`` mixing, so neighbouring indices give unrelated streams."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return draws_mixed_seed(seed, index)  # one implementation: the method draws' (distill_mixins.draws)
 
 
 def seed_everything(seed: int) -> None:

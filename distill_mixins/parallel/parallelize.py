@@ -54,13 +54,6 @@ class ParallelPlan:
     checkpointed_blocks: dict[str, int]
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def build_mesh(config: ParallelConfig, device_type: str) -> DeviceMesh:
     """The data-parallel device mesh of ``config`` over the default process group."""
     if not dist.is_available() or not dist.is_initialized():
@@ -182,4 +175,4 @@ def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: Devi
     return ParallelPlan(mesh, config.mode, rank, size, held, precision, checkpointed)
 
 
-__all__ = ["NETWORKS", "ParallelPlan", "build_mesh", "mixed_precision", "model_device", "parallelize"]
+__all__ = ["NETWORKS", "ParallelPlan", "build_mesh", "mixed_precision", "parallelize"]
