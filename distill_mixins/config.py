@@ -173,12 +173,13 @@ class DistillConfig:
     the noise implied by the current state ('ode', deterministic DDIM; for multi-step KD students)."""
     conditional_sigma: float = 1e-4
     """Noise level given to ground-truth frames of a Video2World condition."""
-    draws: str = "global"
-    """Random draws of training steps (:mod:`distill_mixins.draws`): ``global`` (the torch RNG, one process) or
-    ``per_sample`` (each sample's noise and time seeded by (``seed``, iteration, its global index): the same however
-    the batch is split; always used under data parallelism, where ``parallelize`` needs it)."""
+    draws: str = "per_sample"
+    """Random draws of training steps (:mod:`distill_mixins.draws`): ``per_sample`` (each sample's noise and time
+    hashed from (``seed``, iteration, its global index): the same however the batch is split, so one process trains
+    exactly as N do, and a resume needs no RNG state) or ``global`` (the torch RNG, as the code before issue 16 did;
+    one process only: data parallelism always uses ``per_sample``)."""
     seed: int = 0
-    """Seed of the ``per_sample`` draws (the ``global`` draws follow the torch RNG, e.g. the trainer's seed)."""
+    """Seed of the ``per_sample`` draws (``global`` draws follow the torch RNG, e.g. the trainer's seed)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__

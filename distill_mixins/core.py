@@ -22,7 +22,14 @@ from distill_mixins.config import DistillConfig, NetworkSpec, OptimizerConfig, T
 from distill_mixins.contract import check_host_instance
 from distill_mixins.draws import DrawContext, Draws
 from distill_mixins.sampling import SAMPLERS, Denoiser, guided_x0, sample_student, time_grid
-from distill_mixins.trigflow import TrigFlowMixin, max_time, sample_time, student_schedule
+from distill_mixins.trigflow import (
+    TrigFlowMixin,
+    max_time,
+    sample_time,
+    student_schedule,
+    time_from_variate,
+    time_variate,
+)
 
 TEACHER_PREFIX = "net_teacher."
 RESERVED_NETWORKS = ("net_teacher", "net_fake_score", "net_discriminator", "net_ema")
@@ -370,7 +377,8 @@ class DistillationCoreMixin(TrigFlowMixin):
         Inside a training step without ``generator``: one time per sample from the step's draws."""
         t_max = max_time(self.scaling, self.sigma_data, self.distill_config.sigma_max)
         if generator is None and self._draws is not None:
-            t = self._draws.per_sample(n, lambda g, k: sample_time(k, config, self.sigma_data, generator=g))
+            v = self._draws.rand(n) if time_variate(config) == "uniform" else self._draws.randn(n)
+            t = time_from_variate(v, config, self.sigma_data)
         else:
             t = sample_time(n, config, self.sigma_data, generator=generator)
         return t.clamp(max=t_max)

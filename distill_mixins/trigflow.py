@@ -185,20 +185,28 @@ def sample_time(
 ) -> Tensor:
     """Draw ``n`` TrigFlow times (float64, shape (n,)) from ``config`` (see TimeSamplerConfig)."""
     device = generator.device if generator is not None else torch.device("cpu")
+    draw = torch.rand if time_variate(config) == "uniform" else torch.randn
+    return time_from_variate(draw(n, dtype=torch.float64, generator=generator, device=device), config, sigma_data)
+
+
+def time_variate(config: TimeSamplerConfig) -> str:
+    """What :func:`time_from_variate` maps to times under ``config``: ``"uniform"`` on [0, 1) or ``"normal"``."""
+    return "uniform" if config.kind in ("uniform", "shifted_uniform") else "normal"
+
+
+def time_from_variate(v: Tensor, config: TimeSamplerConfig, sigma_data: float) -> Tensor:
+    """TrigFlow times (float64, (n,)) from ``config``'s variates ``v`` (n,) (:func:`time_variate` says which kind)."""
+    v = v.double()
     if config.kind == "uniform":
-        u = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
-        t = config.t_min + (config.t_max - config.t_min) * u
+        t = config.t_min + (config.t_max - config.t_min) * v
     elif config.kind == "shifted_uniform":
-        u = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
-        tau = config.shift * u / (1.0 + (config.shift - 1.0) * u)
+        tau = config.shift * v / (1.0 + (config.shift - 1.0) * v)
         t = native_to_trigflow_time(tau, "rectified_flow", sigma_data)
+    elif config.kind == "lognormal":
+        t = native_to_trigflow_time(torch.exp(config.p_mean + config.p_std * v), "edm", sigma_data)
     else:
-        z = torch.randn(n, dtype=torch.float64, generator=generator, device=device)
-        if config.kind == "lognormal":
-            t = native_to_trigflow_time(torch.exp(config.p_mean + config.p_std * z), "edm", sigma_data)
-        else:
-            tau = torch.sigmoid(config.p_mean + config.p_std * z)
-            t = native_to_trigflow_time(tau, "rectified_flow", sigma_data)
+        tau = torch.sigmoid(config.p_mean + config.p_std * v)
+        t = native_to_trigflow_time(tau, "rectified_flow", sigma_data)
     return t.clamp(config.t_min, config.t_max)
 
 

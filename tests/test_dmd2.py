@@ -117,14 +117,16 @@ def test_backward_simulation_keeps_the_gradient_of_the_last_step_only(batch):
     model.net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
     torch.manual_seed(0)
     seen = set()
-    for _ in range(30):
+    for iteration in range(30):
         calls.clear()
-        G = model.student_sample(data, torch.randn_like(data.x0), grad=True)
+        with model.drawing(iteration, data.x0.shape[0]):  # n is drawn from the iteration's draws
+            G = model.student_sample(data, torch.randn_like(data.x0), grad=True)
         assert G.requires_grad and calls[-1] and not any(calls[:-1])
         seen.add(len(calls))
     assert seen == {1, 2, 3, 4}  # n ~ U{1..4}
     calls.clear()
-    assert not model.student_sample(data, torch.randn_like(data.x0), grad=False).requires_grad
+    with model.drawing(0, data.x0.shape[0]):
+        assert not model.student_sample(data, torch.randn_like(data.x0), grad=False).requires_grad
 
 
 def test_student_phase_keeps_no_teacher_or_critic_graph(batch):
@@ -133,7 +135,8 @@ def test_student_phase_keeps_no_teacher_or_critic_graph(batch):
     graph_inputs = []
     for net in (model.net_teacher, model.net_fake_score):
         net.register_forward_hook(lambda m, i, o: graph_inputs.append(o.requires_grad))
-    model.training_step_generator(model.prepare_data(batch), 0)
+    with model.drawing(0, batch["x0"].shape[0]):
+        model.training_step_generator(model.prepare_data(batch), 0)
     assert graph_inputs and not any(graph_inputs)
 
 
@@ -248,10 +251,10 @@ def test_refine_term_adds_the_weighted_half_mse_to_the_teachers_solve(batch):
     torch.manual_seed(1)
     out, loss = refined.training_step(batch, 0)
     assert "loss_refine" not in out_plain and torch.equal(out["loss_dmd"], out_plain["loss_dmd"])
-    torch.manual_seed(1)  # the student phase draws its noise first: redraw it and recompute the term
     data = refined.prepare_data(batch)
-    noise = torch.randn_like(data.x0)
-    G = refined.student_sample(data, noise, grad=False)
+    with refined.drawing(0, data.x0.shape[0]):  # the student phase draws its noise first: redraw it
+        noise = refined.draws.randn_like(data.x0)
+        G = refined.student_sample(data, noise, grad=False)
     target = refine_with_teacher(refined, data, G, noise, refine_times(0.6, 3), refined.distill_config.guidance_scale)
     expected = 0.5 * (G - target).pow(2).mean()
     assert torch.allclose(out["loss_refine"], expected, rtol=1e-5, atol=1e-9)

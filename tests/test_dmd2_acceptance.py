@@ -1,16 +1,24 @@
 """DMD2 acceptance on the exact 8-mode conditional mixture teacher (36 Heun steps, CFG w = 2).
 
-Training takes 1.5-2 CPU minutes per student on one thread; the time is printed, not asserted (noisy machines).
+Training takes 3-4 CPU minutes per student on one thread; the time is printed, not asserted (noisy machines).
 
 Design (docs/development.md): one pair of 4,096-sample sets gives sliced-W2 ratios of 0.8-1.8 even
 for an exact sampler, so the floor and the student's distance are means over replicate sets, each
-compared with the same teacher set A.
+compared with the same teacher set A. One training run is not a robust figure either: the student's distance
+oscillates during training (1-step, seed 3: 1.65x the floor at 10,000 iterations, 2.64x at 14,000, 1.53x at
+20,000), so each goal holds for the median over three training seeds (``DistillConfig.seed``), trained in parallel
+processes.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 import pytest
 import torch
@@ -25,6 +33,7 @@ SHAPE = (2, 2, 1, 1)
 GUIDANCE = 2.0
 SAMPLES = 4096
 REPLICATES = 4
+SEEDS = (0, 1, 2)
 
 
 class AnalyticDMD2(DMD2Mixin, ToyHost):
@@ -45,9 +54,9 @@ class Figures:
 
 
 def train_dmd2(
-    schedule: str, iterations: int, student_update_freq: int, backward_simulation: bool = True
+    schedule: str, iterations: int, student_update_freq: int, backward_simulation: bool = True, seed: int = 0
 ) -> tuple[AnalyticDMD2, float]:
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the networks' initialisation; the training draws follow ``seed``
     mixture = ring_mixture(num_modes=8, num_labels=2, shape=SHAPE)
     opt = lambda lr: OptimizerConfig(name="adam", lr=lr, betas=(0.0, 0.99), weight_decay=0.0, grad_clip=10.0)  # noqa: E731
     config = DMD2Config(
@@ -56,6 +65,7 @@ def train_dmd2(
         student_schedule=schedule, renoise="fresh", guidance_scale=GUIDANCE, backward_simulation=backward_simulation,
         student_update_freq=student_update_freq, student_optimizer=opt(3e-4), critic_optimizer=opt(1e-3),
         critic_time=TimeSamplerConfig(kind="shifted_uniform", shift=1.0), ema=EMAConfig(halflife_steps=300),
+        seed=seed,
     )
     model = AnalyticDMD2(**analytic_host_args(mixture, "rf_velocity"), distill=config)
     g = torch.Generator().manual_seed(1)
@@ -100,36 +110,73 @@ def evaluate(model: AnalyticDMD2, seconds: float) -> Figures:
     )
 
 
-def report(name: str, f: Figures) -> None:
-    print(
-        f"\n{name}: sliced-W2 {f.student:.4f} = {f.student / f.floor:.2f}x floor {f.floor:.4f} (goal <= 2.0x); "
-        f"undistilled teacher at 1 step {f.teacher_1step / f.floor:.1f}x; largest mode-mass error "
-        f"{100 * f.mode_mass_error:.1f} pp (goal <= 3); within 4 std of a mode: student {100 * f.near_student:.1f}%, "
-        f"teacher set A {100 * f.near_teacher:.1f}% (goal >= 85%); trained in {f.seconds:.0f} s"
+def train_and_evaluate(schedule: str, iterations: int, backward_simulation: bool, seed: int) -> Figures:
+    """One training seed, in a worker process of its own (one thread)."""
+    torch.set_num_threads(1)
+    model, seconds = train_dmd2(schedule, iterations, 2, backward_simulation, seed)
+    return evaluate(model, seconds)
+
+
+RUNS = {  # test name: (student schedule, iterations, backward simulation)
+    "test_one_step_dmd2_from_scratch_matches_the_teacher_distribution": ("one_step", 14000, True),
+    "test_four_step_dmd2_from_scratch_matches_the_teacher_distribution": ("cosmos_4step", 10000, False),
+}
+
+
+@pytest.fixture(scope="module")
+def trainings(request) -> Iterator[dict[str, list[Future]]]:
+    """Every seed of every selected test's training, queued at once on as many processes as there are CPUs (the
+    two tests' six trainings take three rounds on two CPUs instead of four)."""
+    selected = [name for name in RUNS if any(item.name == name for item in request.session.items)]
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=get_context("spawn")) as pool:
+        yield {name: [pool.submit(train_and_evaluate, *RUNS[name], seed) for seed in SEEDS] for name in selected}
+
+
+def report(name: str, runs: list[Figures]) -> None:
+    for seed, f in zip(SEEDS, runs, strict=True):
+        print(
+            f"\n{name}, seed {seed}: sliced-W2 {f.student:.4f} = {f.student / f.floor:.2f}x floor {f.floor:.4f}; "
+            f"undistilled teacher at 1 step {f.teacher_1step / f.floor:.1f}x; largest mode-mass error "
+            f"{100 * f.mode_mass_error:.1f} pp; within 4 std of a mode: student {100 * f.near_student:.1f}%, "
+            f"teacher set A {100 * f.near_teacher:.1f}%; trained in {f.seconds:.0f} s"
+        )
+    m = medians(runs)
+    print(f"{name}, median of seeds {SEEDS}: {m.student / m.floor:.2f}x the floor (goal <= 2.0x), mode-mass error "
+          f"{100 * m.mode_mass_error:.1f} pp (goal <= 3), within 4 std {100 * m.near_student:.1f}% (goal >= 85%)")
+
+
+def medians(runs: list[Figures]) -> Figures:
+    """Each figure's median over the seeds (the ratio's median via the student's own, with the floor shared)."""
+    ratio = statistics.median(f.student / f.floor for f in runs)
+    floor = statistics.median(f.floor for f in runs)
+    return Figures(
+        floor=floor, student=ratio * floor, teacher_1step=statistics.median(f.teacher_1step for f in runs),
+        mode_mass_error=statistics.median(f.mode_mass_error for f in runs),
+        near_student=statistics.median(f.near_student for f in runs),
+        near_teacher=statistics.median(f.near_teacher for f in runs), seconds=max(f.seconds for f in runs),
     )
 
 
-def check(f: Figures) -> None:
+def check(runs: list[Figures]) -> None:
+    f = medians(runs)
     assert f.student <= 2.0 * f.floor
     assert f.mode_mass_error <= 0.03
     assert f.near_student >= 0.85
-    assert f.teacher_1step > 5 * f.floor
+    assert all(r.teacher_1step > 5 * r.floor for r in runs)
 
 
 @pytest.mark.acceptance
-def test_one_step_dmd2_from_scratch_matches_the_teacher_distribution():
+def test_one_step_dmd2_from_scratch_matches_the_teacher_distribution(trainings):
     """1 student : 1 critic update (the tiny critic keeps up; the recipes' 1 : 4 needs ~2x the iterations here)."""
-    model, seconds = train_dmd2("one_step", 14000, 2)
-    figures = evaluate(model, seconds)
-    report("1-step DMD2 student", figures)
-    check(figures)
+    runs = [run.result() for run in trainings["test_one_step_dmd2_from_scratch_matches_the_teacher_distribution"]]
+    report("1-step DMD2 student", runs)
+    check(runs)
 
 
 @pytest.mark.acceptance
-def test_four_step_dmd2_from_scratch_matches_the_teacher_distribution():
+def test_four_step_dmd2_from_scratch_matches_the_teacher_distribution(trainings):
     """Cosmos 4-step schedule, all four steps simulated with the gradient on the last (``backward_simulation=False``)
     and 1 student : 1 critic update; docs/methods/dmd2.md compares it with random-n backward simulation."""
-    model, seconds = train_dmd2("cosmos_4step", 10000, 2, backward_simulation=False)
-    figures = evaluate(model, seconds)
-    report("4-step DMD2 student", figures)
-    check(figures)
+    runs = [run.result() for run in trainings["test_four_step_dmd2_from_scratch_matches_the_teacher_distribution"]]
+    report("4-step DMD2 student", runs)
+    check(runs)

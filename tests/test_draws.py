@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from distill_mixins import DMD2Config, DMD2Mixin, OptimizerConfig
-from distill_mixins.draws import DrawContext, Draws
+from distill_mixins import draws as draws_module
+from distill_mixins.config import TimeSamplerConfig
+from distill_mixins.draws import DrawContext, Draws, splitmix64
 from distill_mixins.testing import MLPDenoiser, ToyHost, mixture_batch, ring_mixture
-from distill_mixins.trigflow import sample_time
+from distill_mixins.trigflow import sample_time, time_from_variate, time_variate
 
 SHAPE = (2, 2, 1, 1)
 
@@ -24,16 +26,44 @@ def test_a_split_batch_draws_what_the_whole_batch_draws():
 
 
 def uniforms(iteration: int = 0, micro: int = 0, seed: int = 0) -> torch.Tensor:
-    draws = Draws(DrawContext(seed=seed, iteration=iteration, micro=micro))
-    return draws.per_sample(6, lambda g, k: torch.rand(k, dtype=torch.float64, generator=g))
+    return Draws(DrawContext(seed=seed, iteration=iteration, micro=micro)).rand(6)
 
 
-def test_per_sample_draws_use_a_generator_each_and_differ_between_samples_micro_batches_and_iterations():
+def test_per_sample_draws_differ_between_samples_micro_batches_iterations_and_seeds():
     t = uniforms()
-    assert t.shape == (6,) and len(set(t.tolist())) == 6
+    assert t.shape == (6,) and t.dtype == torch.float64 and len(set(t.tolist())) == 6
     assert torch.equal(t, uniforms())
     for other in (uniforms(iteration=1), uniforms(micro=1), uniforms(seed=1)):
         assert not torch.equal(t, other)
+
+
+def test_splitmix64_gives_the_reference_outputs():
+    """SplitMix64 seeded with 1234567: the published first outputs (wrapping int64 arithmetic in torch)."""
+    golden = 0x9E3779B97F4A7C15
+    states = [(1234567 + k * golden) % 2**64 for k in (1, 2, 3)]
+    out = splitmix64(torch.tensor([s - 2**64 if s >= 2**63 else s for s in states]))
+    assert [v % 2**64 for v in out.tolist()] == [6457827717110365317, 3203168211198807973, 9817491932198370423]
+
+
+def test_per_sample_normals_and_uniforms_have_the_right_moments():
+    z = Draws(DrawContext(seed=0, iteration=0)).randn_like(torch.zeros(1000, 400, dtype=torch.float64))
+    assert abs(float(z.mean())) < 0.005 and abs(float(z.var()) - 1) < 0.01  # 4e5 values: 5 and 3.5 sigma
+    assert abs(float((z.abs() < 1).double().mean()) - 0.682689) < 0.004
+    assert abs(float((z[:, 0::2] * z[:, 1::2]).mean())) < 0.01  # the cosine and sine halves are uncorrelated
+    assert abs(float((z[:-1] * z[1:]).mean())) < 0.01  # neighbouring samples too
+    u = Draws(DrawContext(seed=0, iteration=0)).rand(100000)
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and float(((counts - 1e4) ** 2 / 1e4).sum()) < 27.9  # chi2_9
+    k = Draws(DrawContext(seed=0, iteration=0)).randint(2, 5, 3000)
+    assert set(k.tolist()) == {2, 3, 4} and k.dtype == torch.long
+
+
+def test_chunking_a_big_draw_does_not_change_it(monkeypatch):
+    x = torch.zeros(3, 7, 5)
+    whole = Draws(DrawContext(seed=2, iteration=9)).randn_like(x)
+    monkeypatch.setattr(draws_module, "_CHUNK", 4)
+    assert torch.equal(Draws(DrawContext(seed=2, iteration=9)).randn_like(x), whole)
+    assert Draws(DrawContext(seed=2, iteration=9)).randn_like(x[:0]).shape == (0, 7, 5)
 
 
 def test_shared_decisions_do_not_depend_on_the_rank():
@@ -88,7 +118,7 @@ def test_the_method_seed_changes_the_draws_and_the_global_seed_does_not():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_global_draws_are_the_torch_rng_and_the_default_in_one_process():
+def test_global_draws_are_the_torch_rng_and_per_sample_draws_the_default():
     batch = mixture_batch(ring_mixture(shape=SHAPE), 8, torch.Generator().manual_seed(0))
     model = make()
     model.distill_config.draws = "global"
@@ -100,7 +130,7 @@ def test_global_draws_are_the_torch_rng_and_the_default_in_one_process():
     assert torch.equal(model.training_step(batch, 0)[1], a)
     from distill_mixins import DistillConfig
 
-    assert DistillConfig().draws == "global"
+    assert DistillConfig().draws == "per_sample"
     with pytest.raises(ValueError, match="DistillConfig.draws='sample'"):
         DistillConfig(draws="sample")
 
@@ -113,11 +143,14 @@ def test_draws_outside_a_step_say_how_to_get_them():
         assert draws.context.iteration == 3 and model.draws is draws
 
 
-def test_sample_time_of_one_sample_per_generator_matches_a_generator_per_sample():
-    from distill_mixins.config import TimeSamplerConfig
-
-    config = TimeSamplerConfig()
-    draws = Draws(DrawContext(seed=0, iteration=0))
-    t = draws.per_sample(4, lambda g, k: sample_time(k, config, 1.0, generator=g))
-    gens = Draws(DrawContext(seed=0, iteration=0)).generators(4)
-    assert torch.equal(t, torch.cat([sample_time(1, config, 1.0, generator=g) for g in gens]))
+def test_sample_time_is_its_variates_mapped_and_per_sample_times_follow_the_sampler():
+    """sample_time = time_from_variate of torch's own draw (the global stream is unchanged), for every sampler."""
+    for kind in ("shifted_uniform", "lognormal", "logit_normal", "uniform"):
+        config = TimeSamplerConfig(kind=kind)
+        draw = torch.rand if time_variate(config) == "uniform" else torch.randn
+        v = draw(5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        t = sample_time(5, config, 1.0, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(t, time_from_variate(v, config, 1.0))
+    config = TimeSamplerConfig(kind="shifted_uniform", shift=1.0)  # RF tau uniform: t = atan(tau / (1 - tau))
+    u = Draws(DrawContext(seed=0, iteration=0)).rand(4)
+    assert torch.allclose(time_from_variate(u, config, 1.0), torch.atan(u / (1 - u)).clamp(config.t_min, config.t_max))

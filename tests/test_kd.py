@@ -87,7 +87,8 @@ def test_multistep_path_input_takes_the_state_of_the_drawn_time():
     n = 64
     path = torch.arange(4, dtype=torch.float32).reshape(1, 4, 1, 1, 1, 1).expand(n, 4, *SHAPE).clone()
     batch = {KD_NOISE: torch.zeros(n, *SHAPE), KD_TEACHER_X0: torch.zeros(n, *SHAPE), KD_PATH: path}
-    x_t, t = model.kd_inputs(batch)
+    with model.drawing(0, n):  # the step's draws pick each sample's time
+        x_t, t = model.kd_inputs(batch)
     k = x_t[:, 0, 0, 0, 0].long()
     assert torch.equal(t, ts[k])
     assert set(k.tolist()) == {0, 1, 2, 3}  # every student time is drawn
@@ -98,7 +99,8 @@ def test_multistep_interpolated_input_is_the_renoised_teacher_sample():
     assert model.distill_config.renoise == "initial"
     g = torch.Generator().manual_seed(0)
     batch = {KD_NOISE: torch.randn(32, *SHAPE, generator=g), KD_TEACHER_X0: torch.randn(32, *SHAPE, generator=g)}
-    x_t, t = model.kd_inputs(batch)
+    with model.drawing(0, 32):
+        x_t, t = model.kd_inputs(batch)
     assert torch.allclose(x_t, add_noise(batch[KD_TEACHER_X0], batch[KD_NOISE], t, model.sigma_data))
 
 

@@ -122,7 +122,8 @@ def test_kd_reads_the_kd_fields_not_the_hosts_and_trains_through_the_trainer(tmp
     model = video_kd()
     generate_video_data(tmp_path / "kd", model)
     batch = default_collate([KDShardDataset(tmp_path / "kd")[i] for i in range(16)])
-    x_t, t = model.kd_inputs(batch)
+    with model.drawing(0, 16):
+        x_t, t = model.kd_inputs(batch)
     k = [model.student_times().tolist().index(float(ti)) for ti in t]
     assert torch.equal(x_t, batch[KD_PATH][torch.arange(16), k])  # kd/path, not the host's "path" strings
 

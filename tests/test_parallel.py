@@ -32,7 +32,7 @@ def build(method: str, r1: bool = True) -> ToyHost:
     """The composed model of ``method``, the same weights in every process (GAN with R1 when ``r1``)."""
     torch.manual_seed(0)
     if method == "kd":
-        return ConvKD(TinyConvNet(), "rf_velocity", distill=KDConfig(student_optimizer=_adam(), draws="per_sample"))
+        return ConvKD(TinyConvNet(), "rf_velocity", distill=KDConfig(student_optimizer=_adam()))
     config = {
         "student_update_freq": 2, "student_schedule": "cosmos_4step", "backward_simulation": True,
         "ema": EMAConfig(halflife_steps=2.0), "guidance_scale": 2.0, "draws": "per_sample",  # as N processes draw

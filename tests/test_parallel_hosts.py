@@ -37,7 +37,7 @@ def build(case: str):
     tiny = tiny_cosmos if host == "cosmos" else tiny_wan
     if method == "kd":
         cls = CosmosKD if host == "cosmos" else WanKD
-        return cls(tiny(), distill=KDConfig(student_optimizer=adam(), draws="per_sample"))
+        return cls(tiny(), distill=KDConfig(student_optimizer=adam()))
     cls = CosmosDMD2 if host == "cosmos" else WanDMD2
     source = "critic" if host == "cosmos" else "teacher"  # taps on a trained and on a frozen sharded network
     # SGD for the GAN heads: the key half of each head's kv bias shifts every attention logit of a query alike, so
@@ -45,8 +45,12 @@ def build(case: str):
     # the summation order, and Adam's first step lr * g / (|g| + 1e-8) turns that into ~3e-5 differences between
     # one process and two (measured: heads.0.kv.bias 3.2e-5 Cosmos, 3.0e-5 Wan). SGD moves it by lr * 3e-10.
     heads = OptimizerConfig(name="sgd", lr=1e-2, weight_decay=0.0)
+    # The same amplification, milder, for gradients near Adam's eps: an element with |g| ~ 1e-8 moves by about
+    # lr * dg / 1e-8, so round-off dg ~ 1e-10 gave 2.5e-5 (Wan critic, blocks.0.attn2.to_out.0.weight, measured).
+    # eps = 1e-6 bounds that at lr * 1e-4.
+    critic = OptimizerConfig(name="adam", lr=1e-3, weight_decay=0.0, eps=1e-6)
     return cls(tiny(), distill=dmd2_config(source=source, student_update_freq=2, discriminator_optimizer=heads,
-                                           draws="per_sample"))
+                                           critic_optimizer=critic))
 
 
 def global_batch(case: str, iteration: int) -> dict[str, torch.Tensor]:

@@ -128,7 +128,7 @@ class KDMixin(DistillationCoreMixin):
 
     def _draw_steps(self, n: int, steps: int, device: torch.device) -> Tensor:
         """One student step index per sample, uniform on 0..steps-1 (the step's draws), (n,) long."""
-        return self.draws.per_sample(n, lambda g, k: torch.randint(0, steps, (k,), generator=g)).to(device)
+        return self.draws.randint(0, steps, n).to(device)
 
     def _check_path_times(self, path_t: Tensor, ts: Tensor) -> None:
         gap = (path_t.double().cpu() - ts[None, :]).abs().max()
