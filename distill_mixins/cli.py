@@ -92,7 +92,7 @@ def _add_demo(commands: Any) -> None:
         "--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations (default 300)"
     )
     demo.add_argument(
-        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 150)"
+        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 120)"
     )
     demo.add_argument(
         "--dmd2-refine-weight", dest="dmd2_refine_weight", type=float, default=None,
@@ -100,7 +100,7 @@ def _add_demo(commands: Any) -> None:
     )
     demo.add_argument(
         "--refine-iterations", dest="refine_iterations", type=int, default=None,
-        help="refined-KD iterations between KD and DMD2, 0 skips them (default 240)",
+        help="refined-KD iterations between KD and DMD2, 0 skips them (default 320)",
     )
     demo.add_argument("--batch-size", dest="batch_size", type=int, default=None,
                       help="training clips per iteration, every stage (default 16)")

@@ -73,7 +73,7 @@ def test_demo_refined_kd_settings_reach_the_method():
     from distill_mixins.cli import build_parser, demo_config
     from distill_mixins.toy.demo import dmd2_config, refined_kd_config
 
-    assert DemoConfig().refine_iterations == 240 and DemoConfig().dmd2_refine_weight == 20.0
+    assert DemoConfig().refine_iterations == 320 and DemoConfig().dmd2_refine_weight == 20.0
     assert demo_config(build_parser().parse_args(["demo", "--refine-iterations", "0"])).refine_iterations == 0
     config = refined_kd_config(DemoConfig(refine_tau=0.35, refine_teacher_steps=4, guidance=3.0))
     assert config.refine_time == pytest.approx(math.atan2(0.35, 0.65), abs=1e-12)  # rectified flow, sigma_d = 1

@@ -104,11 +104,11 @@ class DemoConfig:
     guidance: float = 3.0
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
     kd_iterations: int = 300
-    dmd2_iterations: int = 150
+    dmd2_iterations: int = 120
     dmd2_refine_weight: float = 20.0
     """Weight of DMD2's refine term (:class:`~distill_mixins.methods.DMD2Config` ``refine_weight``, re-noised to
     ``refine_tau``, ``refine_teacher_steps`` teacher steps); 0 runs plain DMD2."""
-    refine_iterations: int = 240
+    refine_iterations: int = 320
     """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage."""
     refine_tau: float = 0.35
     """Rectified-flow time the student's sample is re-noised to (0.35: 65% signal)."""
@@ -206,7 +206,7 @@ def _trainer_config(config: DemoConfig, stage: str, iterations: int) -> TrainerC
 def kd_model(config: DemoConfig, teacher: ToyVideo2World) -> ToyKD:
     """The KD model on the teacher (AdamW, EMA half-life 50)."""
     return ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig(
-        student_optimizer=_optimizer(config.kd_lr), ema=EMAConfig(halflife_steps=50.0),
+        student_optimizer=_optimizer(config.kd_lr), ema=EMAConfig(halflife_steps=50.0), seed=config.seed,
     ))
 
 
@@ -283,7 +283,7 @@ def refined_kd_config(config: DemoConfig) -> RefinedKDConfig:
     return RefinedKDConfig(
         student_optimizer=_optimizer(config.refine_lr), teacher_steps=config.refine_teacher_steps,
         refine_time=refine_time(config),
-        guidance_scale=config.guidance, ema=EMAConfig(halflife_steps=20.0),
+        guidance_scale=config.guidance, ema=EMAConfig(halflife_steps=20.0), seed=config.seed,
     )
 
 
