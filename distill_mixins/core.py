@@ -263,8 +263,8 @@ class DistillationCoreMixin(TrigFlowMixin):
 
     @property
     def draws(self) -> Draws:
-        """The current training step's random draws (:mod:`distill_mixins.draws`); per-sample draws only inside a
-        training step (global draws, the default in one process, anywhere)."""
+        """The current training step's random draws (:mod:`distill_mixins.draws`); per-sample draws (the default)
+        only inside a training step or ``with model.drawing(...)``, global draws (``draws="global"``) anywhere."""
         if self._draws is None:
             if not self._per_sample_draws:  # global draws need no step: they are the torch RNG's
                 return Draws(DrawContext(self.distill_config.seed, 0, per_sample=False))

@@ -1,4 +1,5 @@
-"""Known-answer tools: an exact Gaussian-mixture teacher, toy hosts, a tiny neural denoiser."""
+"""Known-answer tools: an exact Gaussian-mixture teacher, toy hosts, a tiny neural denoiser, a tiny video DiT that can
+run context-parallel."""
 
 from distill_mixins.testing.gmm import GaussianMixture, ring_mixture
 from distill_mixins.testing.hosts import (
@@ -9,12 +10,14 @@ from distill_mixins.testing.hosts import (
     analytic_host_args,
     mixture_batch,
 )
+from distill_mixins.testing.transformer import TinyVideoDiT
 
 __all__ = [
     "FORMS",
     "GMMDenoiserNet",
     "GaussianMixture",
     "MLPDenoiser",
+    "TinyVideoDiT",
     "ToyHost",
     "analytic_host_args",
     "mixture_batch",
