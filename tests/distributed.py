@@ -13,6 +13,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def _worker(rank: int, world_size: int, store: str, out: str, fn: Callable[..., 
         result = ("error", traceback.format_exc())
     try:
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # Tear down together: a rank that destroyed its gloo context while a peer still used the connection once
+        # aborted ("terminate called without an active exception", SIGABRT, once in a CI run; not reproduced alone).
+        dist.monitored_barrier(timeout=timedelta(seconds=60))
+    except RuntimeError:  # a peer that failed or hangs: its own result says why (or the parent's timeout does)
+        pass
     finally:
         dist.destroy_process_group()
 
