@@ -7,7 +7,7 @@ Compose a method mixin before your own model class::
 """
 
 from distill_mixins.config import DistillConfig, EMAConfig, OptimizerConfig, TimeSamplerConfig
-from distill_mixins.contract import DenoiseAdapterMixin, DiffusionHost, FrameConditioning
+from distill_mixins.contract import ContextParallelHost, DenoiseAdapterMixin, DiffusionHost, FrameConditioning
 from distill_mixins.core import DistillationCoreMixin, DistillBatch
 from distill_mixins.discriminator import DiscriminatorConfig
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
@@ -16,6 +16,7 @@ from distill_mixins.trigflow import Denoised, TrigFlowMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContextParallelHost",
     "DMD2Config",
     "DMD2Mixin",
     "DenoiseAdapterMixin",

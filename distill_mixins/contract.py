@@ -50,6 +50,27 @@ class DiffusionHost(Protocol):
 
 
 @runtime_checkable
+class ContextParallelHost(Protocol):
+    """Optional capability: a host whose networks can run context-parallel (ARCHITECTURE.md, "Distributed").
+
+    Needed by ``ParallelConfig(cp=N)`` with N > 1; :func:`~distill_mixins.parallel.parallelize` calls it once per
+    network (teacher, student, critic, EMA) before sharding.
+    """
+
+    def enable_context_parallel(self, net: nn.Module, group: Any) -> None:
+        """Make ``net``'s forward context-parallel over the process ``group`` (``None``: off).
+
+        Every rank of the group passes the same full inputs and gets the same full output (B, C, T, H, W); inside,
+        each rank keeps a contiguous chunk of the tokens (rank order) and attention runs over the group (Ulysses).
+        Gradient convention: each rank's parameter gradients cover its own tokens, so their sum over the group is
+        the one-process gradient (the gather's backward keeps the local chunk). Outputs of the blocks, which GAN
+        feature taps record, are the local chunks (B, S/P, D). Raise a ValueError naming the sizes when the
+        group size does not divide the heads.
+        """
+        ...
+
+
+@runtime_checkable
 class FrameConditioning(Protocol):
     """A Video2World condition: ground-truth frames the model is conditioned on.
 

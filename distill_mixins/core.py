@@ -22,6 +22,7 @@ from distill_mixins.config import DistillConfig, NetworkSpec, OptimizerConfig, T
 from distill_mixins.contract import check_host_instance
 from distill_mixins.draws import DrawContext, Draws
 from distill_mixins.sampling import SAMPLERS, Denoiser, guided_x0, sample_student, time_grid
+from distill_mixins.shared_ref import SharedRef
 from distill_mixins.trigflow import (
     TrigFlowMixin,
     max_time,
@@ -120,6 +121,7 @@ class DistillationCoreMixin(TrigFlowMixin):
         self._schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None
         self.nonfinite_grad_counts = dict.fromkeys(self.trainable_networks(), 0)
         self.data_parallel_rank, self.data_parallel_size = 0, 1
+        self._context_parallel = SharedRef(None)  # the CP process group (parallelize), shared by deep copies
         self._draws: Draws | None = None
         self._micro = (-1, 0)  # (iteration, training steps run at it): the micro-batch index under accumulation
 
@@ -260,6 +262,23 @@ class DistillationCoreMixin(TrigFlowMixin):
         if not (isinstance(rank, int) and isinstance(size, int) and 0 <= rank < size):
             raise ValueError(f"set_data_parallel(rank={rank!r}, size={size!r}): need ints with 0 <= rank < size.")
         self.data_parallel_rank, self.data_parallel_size = rank, size
+
+    def set_context_parallel(self, group: Any) -> None:
+        """The context-parallel process group the networks run over (``None``: off), set by
+        :func:`distill_mixins.parallel.parallelize` after the host's ``enable_context_parallel``. The ranks of a
+        group hold the same samples (one data-parallel rank) and the same draws; GAN feature taps gather over it."""
+        self._context_parallel = SharedRef(group)
+
+    @property
+    def context_parallel_group(self) -> Any:
+        """The context-parallel process group, ``None`` when context parallel is off."""
+        return self._context_parallel.value
+
+    @property
+    def context_parallel_size(self) -> int:
+        """The number of ranks that split each clip's tokens (1 when context parallel is off)."""
+        group = self._context_parallel.value
+        return 1 if group is None else torch.distributed.get_world_size(group)
 
     @property
     def draws(self) -> Draws:

@@ -119,10 +119,16 @@ class FeatureTaps:
     ``indices`` (a tuple output records its first tensor). Nothing is detached, so gradients flow through the
     features to the network's input even when its parameters are frozen. Negative indices count from the end.
     Run backward after the context exits: a checkpointed block recomputed inside it would fire its hook again.
+    ``context_parallel_group``: the tapped network runs context-parallel over it (blocks output this rank's tokens
+    (B, S/P, D)); ``features`` gathers the tokens (B, S, D), the gradient keeping the local chunk.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module] | nn.ModuleList | nn.Sequential, indices: Sequence[int]) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module] | nn.ModuleList | nn.Sequential, indices: Sequence[int],
+        context_parallel_group: Any = None,
+    ) -> None:
         self.blocks: list[nn.Module] = list(blocks)
+        self.context_parallel_group = context_parallel_group
         n = len(self.blocks)
         if len(indices) == 0:
             raise ValueError("FeatureTaps needs at least one block index (DiscriminatorConfig.taps).")
@@ -182,8 +188,21 @@ class FeatureTaps:
                     f"block {index} ran {len(record)} times inside one FeatureTaps context (e.g. a predict that "
                     "calls the network for several CFG branches, or a reused block); run one forward per context."
                 )
-            out.append(record[0])
+            out.append(self._gathered(record[0], index))
         return out
+
+    def _gathered(self, feature: Tensor, index: int) -> Tensor:
+        """The feature of the whole clip: under context parallel, the tokens gathered over the group."""
+        if self.context_parallel_group is None:
+            return feature
+        if feature.ndim != 3:
+            raise ValueError(
+                f"block {index} returned features of shape {tuple(feature.shape)} under context parallel; a tap "
+                "gathers token features (B, S/P, D) along the tokens. Tap blocks that output tokens."
+            )
+        from distill_mixins.parallel.ulysses import gather_sequence  # lazily: parallel imports the core
+
+        return gather_sequence(feature, 1, self.context_parallel_group)
 
     def __enter__(self) -> FeatureTaps:
         return self.attach()

@@ -119,8 +119,21 @@ def _world4(rank: int, world_size: int, with_megatron: bool) -> dict[str, object
         parallel_state = _parallel_state()
         parallel_state.initialize_model_parallel(context_parallel_size=2)
         out["megatron"] = _summary(parallel_groups(cp_size=2))
+        out["parallelize"] = _parallelize_dmd2()  # dp=2 x cp=2 on megatron's groups
         parallel_state.destroy_model_parallel()
     return out
+
+
+def _parallelize_dmd2() -> dict[str, object]:
+    """parallelize at cp=2 while megatron-core is initialised: its groups, and the DMD2 iterations' weights."""
+    from distill_mixins.parallel import ParallelConfig, parallelize
+    from tests.test_cp_parallel import build, train
+
+    model = build("dmd2")
+    plan = parallelize(model, ParallelConfig(cp=2))
+    ranks = dist.get_process_group_ranks(model.context_parallel_group)
+    return {"plan": (plan.dp_rank, plan.dp_size, plan.cp_size, plan.groups_source), "cp_ranks": ranks,
+            **train(model, "dmd2")}
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +219,18 @@ def test_mesh_dp2_cp2(world4):
 def test_megatron_dp2_cp2_matches_mesh(world4):
     for result in world4:
         assert result["megatron"] == {**result["shard2_cp2"], "source": "megatron"}
+
+
+@needs_megatron
+def test_parallelize_uses_megatron_groups_at_dp2_cp2(world4):
+    """parallelize(cp=2) under an initialised megatron-core on 4 processes: its groups (dp=2 x cp=2), and two DMD2
+    iterations (critic and student phases, GAN heads) within 1e-5 of one process."""
+    from tests.test_cp_parallel import TOL, build, train
+
+    reference = train(build("dmd2"), "dmd2")
+    for rank, result in enumerate(world4):
+        run = result["parallelize"]
+        assert run["plan"] == (rank // 2, 2, 2, "megatron")
+        assert run["cp_ranks"] == [rank - rank % 2, rank - rank % 2 + 1]
+        for name, expected in reference["weights"].items():
+            torch.testing.assert_close(run["weights"][name], expected, atol=TOL, rtol=0, msg=name)

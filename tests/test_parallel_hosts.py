@@ -76,12 +76,14 @@ def snapshot(model) -> dict[str, dict[str, torch.Tensor]]:
     return {name: {n: full(p).detach().clone() for n, p in net.named_parameters()} for name, net in nets.items()}
 
 
-def run_case(case: str, rank: int, world_size: int) -> dict[str, object]:
-    """The case's iterations on this rank's share of each global batch: this rank's losses, the networks that
-    changed at each iteration, and the trainable networks' weights after each iteration."""
+def run_case(case: str, rank: int, world_size: int, cp: int = 1) -> dict[str, object]:
+    """The case's iterations on this data-parallel rank's share of each global batch (context parallel over ``cp``
+    ranks): this rank's losses, the networks that changed at each iteration, and the trainable networks' weights
+    after each iteration."""
     model = build(case)
-    held = parallelize(model, ParallelConfig(mode="fsdp")).networks if world_size > 1 else {}
-    share = GLOBAL_BATCH // world_size
+    held = parallelize(model, ParallelConfig(mode="fsdp", cp=cp)).networks if world_size > 1 else {}
+    share = GLOBAL_BATCH // (world_size // cp)
+    rank = rank // cp
     losses, outputs, changed, weights = [], [], [], []
     for it in range(ITERATIONS[case.split("_")[1]]):
         batch = {k: v[rank * share: (rank + 1) * share] for k, v in global_batch(case, it).items()}
@@ -100,13 +102,15 @@ def run_case(case: str, rank: int, world_size: int) -> dict[str, object]:
 
 def parallel_worker(rank: int, world_size: int, cases: tuple[str, ...]) -> dict[str, dict[str, object]]:
     results = {case: run_case(case, rank, world_size) for case in cases}
+    results.update({f"cp2/{case}": run_case(case, rank, world_size, cp=2) for case in cases})
     assert dist.get_world_size() == world_size
     return results
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, object]:
-    """Both 2-process FSDP runs (one launch for every case) and the one-process runs of the same global batches."""
+    """The 2-process FSDP runs at (dp=2, cp=1) and (dp=1, cp=2) (one launch for every case) and the one-process
+    runs of the same global batches."""
     return {
         "parallel": run_distributed(parallel_worker, 2, CASES),
         "single": {case: run_case(case, 0, 1) for case in CASES},
@@ -138,6 +142,22 @@ def test_fsdp_matches_one_process(runs, case):
     for it, expected in enumerate(single["weights"]):
         for r in ranks:
             assert r["weights"][it].keys() == expected.keys()
+            for name, params in expected.items():
+                for n, value in params.items():
+                    gap = float((r["weights"][it][name][n] - value).abs().max())
+                    assert torch.allclose(r["weights"][it][name][n], value, rtol=TOL, atol=TOL), (it, name, n, gap)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_context_parallel_matches_one_process(runs, case):
+    """At (dp=1, cp=2) both ranks train on the whole global batch with the tokens split: the losses and updated
+    weights of one process (1e-5)."""
+    single = runs["single"][case]
+    for result in runs["parallel"]:
+        r = result[f"cp2/{case}"]
+        assert r["losses"] == pytest.approx(single["losses"], rel=TOL, abs=TOL)
+        assert r["changed"] == single["changed"]
+        for it, expected in enumerate(single["weights"]):
             for name, params in expected.items():
                 for n, value in params.items():
                     gap = float((r["weights"][it][name][n] - value).abs().max())

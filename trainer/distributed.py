@@ -70,9 +70,11 @@ def model_ranks(model: nn.Module, device: torch.device | str = "cpu") -> Ranks:
         return Ranks()
     dp_rank = int(getattr(model, "data_parallel_rank", 0))
     dp_size = int(getattr(model, "data_parallel_size", 1))
-    if dp_size != dist.get_world_size():
+    cp_size = int(getattr(model, "context_parallel_size", 1))  # the ranks of a CP group share one data rank
+    if dp_size * cp_size != dist.get_world_size():
         raise RuntimeError(
-            f"{dist.get_world_size()} processes, but the model's data-parallel size is {dp_size}: call "
+            f"{dist.get_world_size()} processes, but the model's data-parallel size is {dp_size} (x context-parallel "
+            f"{cp_size}): call "
             "distill_mixins.parallel.parallelize(model, ParallelConfig(...)) before training (or set the stage's "
             "'parallel' section in a run config)."
         )

@@ -27,7 +27,9 @@ from typing import Any, ClassVar
 import torch
 from diffusers import ModelMixin
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
+from distill_mixins.hosts import context_parallel
 from distill_mixins.hosts.conditioning import TextConditioner, VideoCondition, frame_mask_for
 from distill_mixins.hosts.loading import load_transformer
 
@@ -46,6 +48,8 @@ class DiffusersVideoHost(nn.Module):
     transformer_class: ClassVar[type[ModelMixin]]
     block_attribute: ClassVar[str]
     """Name of the transformer's ``nn.ModuleList`` of blocks, indexed by feature taps."""
+    context_parallel_plan: ClassVar[context_parallel.ContextParallelPlan | None] = None
+    """Where :meth:`enable_context_parallel` splits and gathers; None: the plan of the transformer's class."""
 
     def __init__(
         self, net: ModelMixin, *, conditioner: TextConditioner | None = None, num_conditional_frames: int = 1,
@@ -137,6 +141,18 @@ class DiffusersVideoHost(nn.Module):
     def feature_blocks(self, net: nn.Module) -> nn.ModuleList:
         """The transformer's blocks that ``DiscriminatorConfig.taps`` index (outputs: tokens (B, N, D))."""
         return getattr(net, self.block_attribute)
+
+    def enable_context_parallel(self, net: nn.Module, group: ProcessGroup | None) -> None:
+        """Run ``net``'s forward context-parallel (Ulysses) over ``group`` (None or size 1: off).
+
+        Every rank of the group gets the same full inputs and returns the same full output (B, C, T, H, W); inside,
+        the tokens (B, S, D) and everything per token are split in contiguous chunks in rank order, self-attention
+        is Ulysses over the group, and ``proj_out``'s output is gathered. Parameter gradients cover the local
+        tokens: all-reduce (SUM) them over the group. Block outputs (feature taps) are the local (B, S/P, D). The
+        CP size must divide the number of heads (ValueError here) and T' or T'*H'*W' (ValueError at forward time).
+        See :mod:`distill_mixins.hosts.context_parallel`.
+        """
+        context_parallel.enable_context_parallel(net, group, self.context_parallel_plan)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn the diffusers models' own gradient checkpointing on or off (every transformer of the host: teacher,

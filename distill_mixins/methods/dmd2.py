@@ -227,7 +227,7 @@ class DMD2Mixin(DistillationCoreMixin):
         net = self._tap_network(config.source)
         host_blocks = getattr(self, "feature_blocks", None)  # optional host member
         blocks = host_blocks(net) if callable(host_blocks) else find_blocks(net, config.block_path)
-        return FeatureTaps(blocks, config.taps)
+        return FeatureTaps(blocks, config.taps, self.context_parallel_group)
 
     def _discriminate(self, data: DistillBatch, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Discriminator logits (B,) of ``x_t`` from tapped features, and the tapped network's x0."""

@@ -12,6 +12,13 @@ class, which would break a mixin class composed with a host):
   or a 2-D mesh (replicate x shard); the teacher reshards after every forward, the EMA is sharded like the student
   so its update runs on local shards.
 
+Context parallel (``ParallelConfig.cp`` > 1): the ranks form a ``dp_replicate x dp_shard x cp`` mesh, ``cp``
+innermost (:mod:`~distill_mixins.parallel.groups`; megatron-core's groups when its ``parallel_state`` is
+initialised). The host (a :class:`~distill_mixins.contract.ContextParallelHost`) makes each network's forward
+context-parallel over the CP group; the ranks of a CP group are one data-parallel rank (same samples, same draws).
+The networks are sharded over ``dp_shard x cp`` ranks; since each CP rank's parameter gradients cover its own
+tokens (their sum is the clip's gradient), FSDP sums the gradients and divides by the data-parallel size only.
+
 Parameters become DTensors; the method code does not change. Gradient clipping in
 :meth:`~distill_mixins.core.DistillationCoreMixin.clip_gradients` takes the norm of each network over all of its
 shards. Draws depend on the sample's global index (:mod:`distill_mixins.draws`): one process and N processes give
@@ -29,10 +36,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from distill_mixins.contract import ContextParallelHost
 from distill_mixins.core import DistillationCoreMixin
 from distill_mixins.parallel.activation import checkpoint_networks, network_blocks
 from distill_mixins.parallel.attention import set_attention_backend
 from distill_mixins.parallel.config import ParallelConfig
+from distill_mixins.parallel.groups import ParallelGroups, cp_mesh_shape, parallel_groups
 from distill_mixins.parallel.meta import target_device
 from distill_mixins.precision import resolve_precision
 
@@ -52,6 +61,10 @@ class ParallelPlan:
     networks: dict[str, str]
     precision: str
     checkpointed_blocks: dict[str, int]
+    cp_size: int = 1
+    """Context-parallel degree (1: off)."""
+    groups_source: str = "device_mesh"
+    """Where the data- and context-parallel groups came from: ``"device_mesh"``, or ``"megatron"`` (cp > 1)."""
 
 
 def build_mesh(config: ParallelConfig, device_type: str) -> DeviceMesh:
@@ -102,10 +115,20 @@ def sharding_units(model: nn.Module, net: nn.Module) -> list[nn.Module]:
     return blocks + others
 
 
-def _shard(model: nn.Module, net: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+def _shard(
+    model: nn.Module, net: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool, dp_size: int
+) -> None:
     for unit in sharding_units(model, net):
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        _divide_by(fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard), mesh, dp_size)
+    _divide_by(fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard), mesh, dp_size)
+
+
+def _divide_by(unit: nn.Module, mesh: DeviceMesh, dp_size: int) -> None:
+    """Under context parallel the mesh has ``dp_size x cp`` ranks: sum the gradients over all of them and divide by
+    ``dp_size`` (the CP ranks' gradients add up to the clip's). Plain sums on the wire (gloo has no pre-scaled sum)."""
+    if mesh.size() != dp_size:
+        unit.set_gradient_divide_factor(float(dp_size))
+        unit.set_force_sum_reduction_for_comms(True)
 
 
 def _average_gradients(net: nn.Module) -> None:
@@ -124,7 +147,15 @@ def _average_gradients(net: nn.Module) -> None:
 def _check_r1(model: nn.Module, config: ParallelConfig) -> None:
     distill = model.distill_config
     disc = getattr(distill, "discriminator", None)
-    if config.mode == "ddp" or disc is None or getattr(distill, "gan_loss_weight", 0.0) <= 0 or disc.r1_weight <= 0:
+    if disc is None or getattr(distill, "gan_loss_weight", 0.0) <= 0 or disc.r1_weight <= 0:
+        return
+    if config.cp > 1:
+        raise ValueError(
+            f"ParallelConfig.cp={config.cp} with the R1 penalty (DiscriminatorConfig.r1_weight={disc.r1_weight}): R1 "
+            "differentiates twice through the tapped network, and the Ulysses exchanges are differentiable once only "
+            "(a second derivative through them would be silently zero). Set r1_weight=0, or use cp=1."
+        )
+    if config.mode == "ddp":
         return
     raise ValueError(
         f"ParallelConfig.mode={config.mode!r} with the R1 penalty (DiscriminatorConfig.r1_weight={disc.r1_weight}): "
@@ -148,6 +179,7 @@ def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: Devi
     mesh = build_mesh(config, device.type) if mesh is None else mesh
     policy, precision = mixed_precision(config, device)
     set_attention_backend(config.attention_backend)  # the process default of the library's attention dispatch
+    groups = _context_parallel(model, config, mesh)
     checkpointed = checkpoint_networks(model, config.activation_checkpointing)  # before sharding
     held = {}
     for name in NETWORKS:
@@ -161,18 +193,55 @@ def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: Devi
         elif config.mode == "ddp":  # FSDP2 on a (world x 1) mesh: whole parameters everywhere, gradients all-reduced
             trainable = name in model.trainable_networks()
             if trainable:
-                fully_shard(net, mesh=mesh, mp_policy=policy)
+                _divide_by(fully_shard(net, mesh=mesh, mp_policy=policy), mesh, groups.dp_size)
             held[name] = "replicated" if trainable else "copy"
         else:
             reshard = True if name == "net_teacher" else config.reshard_after_forward
-            _shard(model, net, mesh, policy, reshard)
+            _shard(model, net, mesh, policy, reshard, groups.dp_size)
             held[name] = "sharded"
-    rank, size = mesh.get_rank(), mesh.size()
-    model.set_data_parallel(rank, size)
+    model.set_data_parallel(groups.dp_rank, groups.dp_size)
     model.optimizers()  # built now, over the sharded parameters (a module mid-forward holds gathered ones)
-    logger.info("parallelize: {} over {} ranks (mesh {}), precision {}, networks {}", config.mode, size,
-                tuple(mesh.shape), precision, held)
-    return ParallelPlan(mesh, config.mode, rank, size, held, precision, checkpointed)
+    logger.info("parallelize: {} over {} ranks (mesh {}, data parallel {} x context parallel {}), precision {}, "
+                "networks {}", config.mode, mesh.size(), tuple(mesh.shape), groups.dp_size, groups.cp_size, precision,
+                held)
+    return ParallelPlan(mesh, config.mode, groups.dp_rank, groups.dp_size, held, precision, checkpointed,
+                        groups.cp_size, groups.source)
+
+
+def _context_parallel(model: DistillationCoreMixin, config: ParallelConfig, mesh: DeviceMesh) -> ParallelGroups:
+    """The data- and context-parallel groups; with ``config.cp`` > 1, every network (but the GAN heads, which see
+    gathered features) made context-parallel by the host, and the model told its CP group."""
+    if config.cp == 1:
+        return ParallelGroups(None, mesh.get_rank(), mesh.size(), None, 0, 1, "device_mesh")
+    if not isinstance(model, ContextParallelHost):
+        raise TypeError(
+            f"ParallelConfig.cp={config.cp}: {type(model).__name__}'s host cannot run its networks context-parallel: "
+            "give the host an `enable_context_parallel(net, group)` method (distill_mixins.ContextParallelHost; the "
+            "diffusers Wan and Cosmos hosts have one), or use cp=1."
+        )
+    replicate, shard = config.data_parallel_shape(mesh.size())
+    shape, names = cp_mesh_shape(mesh.size(), replicate, shard, config.cp)
+    groups = parallel_groups(init_device_mesh(mesh.device_type, shape, mesh_dim_names=names), cp_size=config.cp)
+    _check_cp_ranks(groups)
+    for name in NETWORKS:
+        net = model._modules.get(name)
+        if net is not None and name != "net_discriminator":
+            model.enable_context_parallel(net, groups.cp_group)
+    model.set_context_parallel(groups.cp_group)
+    return groups
+
+
+def _check_cp_ranks(groups: ParallelGroups) -> None:
+    """The CP group must be ``cp`` neighbouring ranks (the networks' mesh shards over ``dp_shard x cp``, ``cp``
+    innermost): true for the library's mesh and for megatron-core's default order."""
+    rank, cp = dist.get_rank(), groups.cp_size
+    expected = list(range(rank - rank % cp, rank - rank % cp + cp))
+    if dist.get_process_group_ranks(groups.cp_group) != expected:
+        raise ValueError(
+            f"the context-parallel group of rank {rank} is ranks {dist.get_process_group_ranks(groups.cp_group)} "
+            f"({groups.source}), not the neighbouring ranks {expected}: initialise megatron-core with its default "
+            "order 'tp-cp-ep-dp-pp' (cp innermost), or let the library build the groups."
+        )
 
 
 __all__ = ["NETWORKS", "ParallelPlan", "build_mesh", "mixed_precision", "parallelize"]

@@ -10,9 +10,10 @@ from distill_mixins.testing.hosts import (
     analytic_host_args,
     mixture_batch,
 )
-from distill_mixins.testing.transformer import TinyVideoDiT
+from distill_mixins.testing.transformer import DiTHost, TinyVideoDiT
 
 __all__ = [
+    "DiTHost",
     "FORMS",
     "GMMDenoiserNet",
     "GaussianMixture",

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from distill_mixins.parallel.attention import attention
 from distill_mixins.parallel.ulysses import gather_sequence, group_size, split_sequence, ulysses_attention
+from distill_mixins.shared_ref import SharedRef
+from distill_mixins.testing.hosts import ToyHost
 
 __all__ = [
     "TinyVideoDiT",
@@ -136,17 +138,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class _SharedGroup:
-    """Holds a process group; ``copy.deepcopy`` shares it (a ProcessGroup cannot be copied, and a copied network,
-    e.g. the student built from the teacher, runs over the same group)."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedGroup:
-        return self
-
-
 # --------------------------------------------------------------------------------------------------- model
 
 
@@ -195,19 +186,19 @@ class TinyVideoDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, patch_dim)
-        self._cp = _SharedGroup(None)
+        self._cp = SharedRef(None)
 
     # ----------------------------------------------------------------------------------- context parallel
 
     @property
     def context_parallel_group(self) -> Any:
         """The CP process group, None when context parallel is off."""
-        return self._cp.group
+        return self._cp.value
 
     @property
     def context_parallel_size(self) -> int:
         """The CP group size (1 when off)."""
-        return 1 if self._cp.group is None else group_size(self._cp.group)
+        return 1 if self._cp.value is None else group_size(self._cp.value)
 
     def set_context_parallel(self, group: Any) -> None:
         """Run the forward context-parallel over ``group`` (a ProcessGroup); None or a group of size one: off.
@@ -222,7 +213,7 @@ class TinyVideoDiT(nn.Module):
                 f"attention splits the heads over the group); use a CP size that divides {self.heads} (one of "
                 f"{divisors}) or build the model with heads a multiple of {p}."
             )
-        self._cp = _SharedGroup(group if p > 1 else None)
+        self._cp = SharedRef(group if p > 1 else None)
 
     def context_split(self, grid: Grid) -> str:
         """How the tokens of ``grid`` (T', H', W') split over the CP group: ``"frames"`` (along T'), ``"tokens"``
@@ -296,3 +287,14 @@ def set_context_parallel(module: nn.Module, group: Any) -> int:
     for net in nets:
         net.set_context_parallel(group)
     return len(nets)
+
+
+class DiTHost(ToyHost):
+    """A :class:`ToyHost` around :class:`TinyVideoDiT` networks, with the context-parallel capability
+    (:class:`~distill_mixins.contract.ContextParallelHost`): ``class Distill(DMD2Mixin, DiTHost)``."""
+
+    def enable_context_parallel(self, net: nn.Module, group: Any) -> None:
+        """:meth:`TinyVideoDiT.set_context_parallel` on ``net`` (a TypeError for any other network)."""
+        if not isinstance(net, TinyVideoDiT):
+            raise TypeError(f"DiTHost runs TinyVideoDiT networks context-parallel, got {type(net).__name__}.")
+        net.set_context_parallel(group)
