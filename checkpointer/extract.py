@@ -28,7 +28,8 @@ def extract_student_weights(checkpoint: str | Path, output: str | Path, *, ema: 
     attr = "net_ema" if ema else "net"
     if attr not in manifest["networks"]:
         hint = "the run had no EMA (DistillConfig.ema=None); extract without --ema" if ema else "it has no student"
-        raise CheckpointError(f"{path} holds no {'EMA' if ema else 'student'} weights: {hint}.")
+        found = ", ".join(sorted(manifest["networks"])) or "no networks"
+        raise CheckpointError(f"{path} holds no {'EMA' if ema else 'student'} weights (it holds: {found}): {hint}.")
     source = path / manifest["networks"][attr]
     tensors = read_full_state(source) if source.suffix == ".dcp" else load_file(str(source))  # sharded: gathered
     output = Path(output)

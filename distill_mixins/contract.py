@@ -71,6 +71,72 @@ class ContextParallelHost(Protocol):
 
 
 @runtime_checkable
+class CausalHost(Protocol):
+    """Optional capability of a causal (chunk-by-chunk) student host (ARCHITECTURE.md, "Causal students"; MATH.md
+    section 7), checked when a causal method is composed (:func:`check_causal_host_class`).
+
+    Semantics: a frame of chunk c attends to every frame of chunks <= c (chunks of ``chunk_size`` latent frames,
+    the first chunk taking the remainder: :func:`distill_mixins.causal.chunk_bounds`); positions (RoPE) are absolute
+    frame indices. The KV cache belongs to ``net`` (one per network), built from :mod:`distill_mixins.causal`.
+    """
+
+    chunk_size: int
+    """Latent frames per chunk (published: 3)."""
+
+    def predict_causal(self, net: nn.Module, x: Tensor, time: Tensor, condition: Any) -> Tensor:
+        """Block-causal full-sequence forward: raw output (B, C, T, H, W) of ``net`` at native state x and per-frame
+        native time (B, T). ``x`` holds frames ``0 .. T - 1`` of the clip ``condition`` belongs to (all of them, or
+        a prefix). Raises when the block-causal mask cannot be built (never full attention instead)."""
+        ...
+
+    def predict_chunk(
+        self, net: nn.Module, x: Tensor, time: Tensor, condition: Any, start_frame: int, store_kv: bool
+    ) -> Tensor:
+        """Raw output (B, C, n, H, W) of one chunk x (B, C, n, H, W) holding frames ``start_frame ..
+        start_frame + n - 1``, at per-frame native time (B, n), attending to ``net``'s cached frames before
+        ``start_frame`` plus itself. ``condition`` is the whole clip's. ``store_kv=True`` writes the chunk's keys and
+        values (detached) over its frames' cache slots (idempotent); ``store_kv=False`` never changes the cache.
+        Frames past the cache's capacity raise."""
+        ...
+
+    def clear_kv_cache(self, net: nn.Module) -> None:
+        """Forget every cached frame of ``net``."""
+        ...
+
+
+_CAUSAL_MEMBERS = {
+    "chunk_size": "an attribute `chunk_size: int`, latent frames per chunk (published: 3)",
+    "predict_causal": "a method `predict_causal(net, x, time, condition)`: the block-causal full-sequence forward "
+    "with per-frame time (B, T)",
+    "predict_chunk": "a method `predict_chunk(net, x, time, condition, start_frame, store_kv)`: one chunk through "
+    "the KV cache",
+    "clear_kv_cache": "a method `clear_kv_cache(net)`",
+}
+
+
+def check_causal_host_class(cls: type) -> None:
+    """TypeError naming the first :class:`CausalHost` member that ``cls`` lacks (a causal method is composed)."""
+    for name, help_text in _CAUSAL_MEMBERS.items():
+        member = inspect.getattr_static(cls, name, None)
+        stub = callable(member) and getattr(member, "__qualname__", "") == f"CausalHost.{name}"
+        if (member is None and name != "chunk_size") or stub:
+            raise TypeError(
+                f"{cls.__name__} composes a causal method, but its host lacks `{name}`: add {help_text} "
+                "(distill_mixins.contract.CausalHost; docs/causal.md)."
+            )
+
+
+def check_causal_host_instance(obj: Any) -> None:
+    """At construction of a causal method: ``chunk_size`` set to an int >= 1."""
+    size = getattr(obj, "chunk_size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise TypeError(
+            f"{type(obj).__name__}.chunk_size={size!r}: a causal host sets `chunk_size`, the latent frames per "
+            "chunk (an int >= 1; published: 3)."
+        )
+
+
+@runtime_checkable
 class FrameConditioning(Protocol):
     """A Video2World condition: ground-truth frames the model is conditioned on.
 

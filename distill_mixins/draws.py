@@ -135,11 +135,14 @@ class Draws:
             return torch.randn(n, dtype=torch.float64)
         return self._normals(n, 1, "cpu")[:, 0]
 
-    def randint(self, low: int, high: int, n: int) -> Tensor:
-        """One int in ``[low, high)`` per sample, (n,) long on the CPU (global RNG: ``torch.randint``)."""
+    def randint(self, low: int, high: int, n: int, count: int | None = None) -> Tensor:
+        """One int in ``[low, high)`` per sample, (n,) long on the CPU, or ``count`` of them, (n, count) (global
+        RNG: ``torch.randint``)."""
+        shape = (n,) if count is None else (n, count)
         if not self.context.per_sample:
-            return torch.randint(low, high, (n,))
-        return low + (self.rand(n) * (high - low)).long().clamp(max=high - low - 1)
+            return torch.randint(low, high, shape)
+        u = _unit_interval(self.bits(n, 1 if count is None else count)).reshape(shape)
+        return low + (u * (high - low)).long().clamp(max=high - low - 1)
 
     def shared_randint(self, low: int, high: int) -> int:
         """An int in ``[low, high)`` that every rank draws alike (no sample index in its seed; global RNG: the

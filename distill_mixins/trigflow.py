@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from distill_mixins.config import TimeSamplerConfig, check_choice
-from distill_mixins.contract import PREDICTION_TYPES, SCALINGS, FrameConditioning, check_host_class, is_composed
+from distill_mixins.contract import (
+    PREDICTION_TYPES,
+    SCALINGS,
+    FrameConditioning,
+    check_causal_host_class,
+    check_host_class,
+    is_composed,
+)
 
 HALF_PI = math.pi / 2
 EDM_T_LIMIT = math.atan(1e6)
@@ -269,6 +276,21 @@ class Denoised:
     F: Tensor
 
 
+@dataclass
+class ChunkFrames:
+    """The ground-truth frames (B, C, n, H, W) and frame mask (B, 1, n, 1, 1) of a condition within one chunk."""
+
+    gt_frames: Tensor
+    frame_mask: Tensor
+
+
+def _per_frame(t: Tensor, x: Tensor) -> Tensor:
+    """A time (B,) or scalar as per-frame (B, T) for a state (B, C, T, H, W); (B, T) as it is."""
+    if t.ndim == 2:
+        return t
+    return t.reshape(-1, 1).expand(x.shape[0], x.shape[2]) if t.ndim else t.expand(x.shape[0], x.shape[2])
+
+
 class TrigFlowMixin:
     """Calls the host's ``predict`` in its native schedule and returns TrigFlow ``x0`` and ``F``.
 
@@ -287,6 +309,8 @@ class TrigFlowMixin:
         super().__init_subclass__(**kwargs)
         if is_composed(cls):
             check_host_class(cls)
+            if getattr(cls, "requires_causal_host", False):  # a causal method (CausalKD, Self-Forcing)
+                check_causal_host_class(cls)
 
     predict: Callable[[nn.Module, Tensor, Tensor, Any], Tensor]  # from the host (contract.DiffusionHost)
 
@@ -299,6 +323,42 @@ class TrigFlowMixin:
         If ``condition`` has ground-truth frames (:class:`FrameConditioning`), they are pasted
         into the input at noise level ``conditional_sigma`` and into the output x0.
         """
+        frames = condition if isinstance(condition, FrameConditioning) else None
+        return self._denoise(lambda x, time: self.predict(net, x, time, condition), x_t, t, frames)
+
+    def trigflow_denoise_causal(self, net: nn.Module, x_t: Tensor, t: Tensor, condition: Any) -> Denoised:
+        """:meth:`trigflow_denoise` through the causal host's block-causal full-sequence forward
+        (:class:`~distill_mixins.contract.CausalHost`); ``t`` per frame (B, T), or (B,) for every frame. ``x_t`` may be
+        the first T frames of the clip ``condition`` belongs to (a prefix, as streaming without a cache runs)."""
+        frames = None
+        if isinstance(condition, FrameConditioning):
+            window = slice(0, x_t.shape[2])
+            frames = ChunkFrames(condition.gt_frames[:, :, window], condition.frame_mask[:, :, window])
+        t = _per_frame(_f64(t), x_t)
+        return self._denoise(lambda x, time: self.predict_causal(net, x, time, condition), x_t, t, frames)
+
+    def trigflow_denoise_chunk(
+        self, net: nn.Module, x_t: Tensor, t: Tensor, condition: Any, start_frame: int, store_kv: bool = False
+    ) -> Denoised:
+        """:meth:`trigflow_denoise` of one chunk ``x_t`` (B, C, n, H, W) (frames ``start_frame ..``) through the
+        causal host's KV cache; ``t`` per frame (B, n) or (B,); ``condition`` is the whole clip's (its
+        ground-truth frames are pasted where they fall in the chunk)."""
+        frames = None
+        if isinstance(condition, FrameConditioning):
+            end = start_frame + x_t.shape[2]
+            window = slice(start_frame, end)
+            frames = ChunkFrames(condition.gt_frames[:, :, window], condition.frame_mask[:, :, window])
+        t = _per_frame(_f64(t), x_t)
+
+        def forward(x: Tensor, time: Tensor) -> Tensor:
+            return self.predict_chunk(net, x, time, condition, start_frame, store_kv)
+
+        return self._denoise(forward, x_t, t, frames)
+
+    def _denoise(
+        self, forward: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, frames: Any
+    ) -> Denoised:
+        """Native state and time, the ground-truth frames pasted in, ``forward(x, time)``, and back to TrigFlow."""
         t = _f64(t)
         if self.scaling == "edm" and t.device.type == "cpu" and bool((t > EDM_T_LIMIT).any()):
             raise ValueError(
@@ -310,10 +370,9 @@ class TrigFlowMixin:
             t = t.expand(x_t.shape[0])
         x = trigflow_to_native_state(x_t, t, self.scaling, self.sigma_data)
         time = trigflow_to_native_time(t, self.scaling, self.sigma_data)
-        frames = condition if isinstance(condition, FrameConditioning) else None
         if frames is not None:
             x, time = self._paste_condition_input(x, time, frames)
-        out = self.predict(net, x, time.to(torch.promote_types(x.dtype, torch.float32)), condition)
+        out = forward(x, time.to(torch.promote_types(x.dtype, torch.float32)))
         x0 = native_output_to_x0(out, x, t, self.scaling, self.prediction_type, self.sigma_data)
         if frames is not None:
             mask = frames.frame_mask.to(x0.dtype)

@@ -380,7 +380,7 @@ def test_extract_weights_then_load_gives_identical_student_outputs(tmp_path, cap
 def test_extract_weights_errors_name_the_problem(tmp_path):
     model = make_kd()
     DistillCheckpointer(tmp_path / "checkpoints").save(model, 1)
-    with pytest.raises(CheckpointError, match="no EMA weights: the run had no EMA"):
+    with pytest.raises(CheckpointError, match=r"no EMA weights \(it holds: net\): the run had no EMA"):
         extract_student_weights(tmp_path, tmp_path / "x.safetensors", ema=True)
     assert cli_main(["extract-weights", "--input", str(tmp_path), "--output", str(tmp_path / "y"), "--ema"]) == 2
     with pytest.raises(CheckpointError, match="is not a checkpoint"):

@@ -30,6 +30,7 @@ from distill_mixins.data import (
     KDShardDataset,
     ODEPairDataset,
     generate_kd_data,
+    generate_ode_pairs,
     prompt_batches,
     sample_noise,
     split_grid,
@@ -39,6 +40,7 @@ from distill_mixins.data import (
 )
 from distill_mixins.data.examples import analytic_batches, analytic_model, analytic_prompt_batch
 from distill_mixins.data.kd_data import PAUSE_ENV
+from distill_mixins.run_config import resolve_object
 from distill_mixins.sampling import initial_state, sample_euler, sample_heun, sample_ode_states, time_grid
 from distill_mixins.testing import GMMDenoiserNet, MLPDenoiser, ring_mixture
 
@@ -178,7 +180,7 @@ def test_path_states_lie_on_the_teachers_ode(tmp_path):
     _, exact = sample_ode_states(denoise, data[KD_NOISE], fine.times, sigma_data=sd, record=fine.path_indices)
     error = (data[KD_PATH] - exact).abs().max().item()
     print(f"max |path - 720-step solution| = {error:.2e}")
-    assert error < 1e-3
+    assert error < 1e-4  # the issue's bound (measured 9.6e-5)
 
 
 def test_kill_with_sigkill_then_rerun_gives_the_uninterrupted_dataset(tmp_path, monkeypatch):
@@ -392,3 +394,28 @@ def test_loader_workers_read_the_shards(tmp_path):
     generate(tmp_path, four_step_config())
     loader = DataLoader(KDShardDataset(tmp_path), batch_size=8, shuffle=True, num_workers=2)
     assert sorted(torch.cat([b[KD_SAMPLE_INDEX] for b in loader]).tolist()) == list(range(40))
+
+
+def test_generate_ode_pairs_command_defaults_to_the_models_times(tmp_path, capsys):
+    """``generate-ode-pairs``: the path at the model's own student times, the pair layout in OUT/pairs."""
+    examples = "distill_mixins.data.examples"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("label 0\nlabel 1\n")
+    args = ["generate-ode-pairs", "--model", f"{examples}:analytic_model", "--prompts", str(prompts),
+            "--prompt-batch", f"{examples}:analytic_prompt_batch", "--out", str(tmp_path / "ode"), "--steps", "8"]
+    assert cli_main(args) == 0
+    pairs = ODEPairDataset(tmp_path / "ode" / "pairs")
+    model = resolve_object(f"{examples}:analytic_model", "--model")()
+    assert len(pairs) == 2 and pairs[1]["prompt"] == "label 1"
+    assert torch.equal(pairs[0]["path_t"], model.student_times())
+    assert cli_main(args) == 0 and "(0 generated, 1 already done)" in capsys.readouterr().out
+
+
+def test_generate_ode_pairs_function(tmp_path):
+    model = analytic_model("cosmos_4step")
+    prompts = ["label 0", "label 1", "label 0"]
+    manifest = generate_ode_pairs(model, prompt_batches(prompts, analytic_prompt_batch, 2), tmp_path,
+                                  KDDataConfig(num_samples=3, steps=8, shard_size=4))
+    pairs = ODEPairDataset(manifest.parent)
+    assert manifest.parent == tmp_path / "pairs" and len(pairs) == 3
+    assert pairs[2]["path"].shape[0] == 4 and torch.equal(pairs[2]["path_t"], model.student_times())

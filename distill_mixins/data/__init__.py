@@ -4,7 +4,7 @@ The generator's keys live under the prefix ``kd/`` (``KD_NOISE`` = ``"kd/noise"`
 :mod:`distill_mixins.methods.kd`), next to the host's batch keys, which are stored as they are.
 """
 
-from distill_mixins.data.dataset import KDShardDataset, ODEPairDataset, write_ode_pairs
+from distill_mixins.data.dataset import KDShardDataset, ODEPairDataset, generate_ode_pairs, write_ode_pairs
 from distill_mixins.data.kd_data import (
     KDDataConfig,
     KDDataError,
@@ -46,6 +46,7 @@ __all__ = [
     "ODEPairDataset",
     "TeacherGrid",
     "generate_kd_data",
+    "generate_ode_pairs",
     "load_manifest",
     "prompt_batches",
     "read_prompts",

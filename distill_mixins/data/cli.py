@@ -92,6 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
     traceback."""
     from distill_mixins.data.dataset import write_ode_pairs
     from distill_mixins.data.kd_data import generate_kd_data
+    from distill_mixins.methods.kd import KD_VIDEO
     from distill_mixins.run_config import resolve_object
 
     _check_flags(args)
@@ -103,20 +104,33 @@ def _generate(args: argparse.Namespace) -> int:
     if args.overwrite:
         _overwrite(Path(args.out))
     result = generate_kd_data(model, batches, args.out, config, negative=negative)
-    if args.ode_pairs:
-        write_ode_pairs(args.out, args.ode_pairs, prompt_key=args.prompt_key, reference_key=args.reference_key)
+    pairs = args.ode_pairs or (str(Path(args.out) / "pairs") if args.ode_pairs_default else None)
+    if pairs:
+        reference = args.reference_key or (KD_VIDEO if args.store_video else None)
+        write_ode_pairs(args.out, pairs, prompt_key=args.prompt_key, reference_key=reference)
     print(f"{result.num_samples} samples in {result.num_shards} shards ({result.generated_shards} generated, "
           f"{result.skipped_shards} already done), {result.samples_per_second:.1f} samples/s: {result.manifest}")
     return 0
 
 
 def register(commands: Any) -> None:
-    """Add the ``generate-kd-data`` subcommand to ``commands`` (argparse subparsers)."""
+    """Add the ``generate-kd-data`` and ``generate-ode-pairs`` subcommands to ``commands`` (argparse subparsers)."""
     p = commands.add_parser(
         "generate-kd-data", help="run the teacher's multi-step sampler and write KD shards (resumable)",
         description="Generate knowledge-distillation data: teacher ODE samples (standard-form CFG w) as safetensors "
         "shards with a manifest. Re-running the same command resumes: finished, verified shards are skipped.",
     )
+    _add_arguments(p, ode_pairs=False)
+    p = commands.add_parser(
+        "generate-ode-pairs", help="stage 1 of the causal pipeline: the teacher's ODE states at the student's times",
+        description="Generate ODE pairs for CausalKD: the teacher's CFG ODE solve with its states stored exactly at "
+        "the student's K times (the model's own schedule unless --student-schedule/--path-times say otherwise), as "
+        "resumable KD shards in --out and the per-sample pair layout in --ode-pairs (default OUT/pairs).",
+    )
+    _add_arguments(p, ode_pairs=True)
+
+
+def _add_arguments(p: Any, ode_pairs: bool) -> None:
     p.add_argument("--model", required=True, help="module:factory, a zero-argument callable returning the model")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="module:factory, a zero-argument callable returning an iterable of batches")
@@ -134,15 +148,18 @@ def register(commands: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher call")
     times = p.add_mutually_exclusive_group()
     times.add_argument("--path-times", help="comma-separated descending TrigFlow times of the stored ODE path")
-    times.add_argument("--student-schedule", choices=SCHEDULES,
-                       help="store the ODE path at this student schedule ('model': the model's own)")
+    times.add_argument("--student-schedule", choices=SCHEDULES, default="model" if ode_pairs else None,
+                       help="store the ODE path at this student schedule ('model': the model's own)"
+                       + (" (default %(default)s)" if ode_pairs else ""))
     p.add_argument("--grid", choices=("karras", "shifted_rf", "uniform"), default=None)
     p.add_argument("--store-keys", help="comma-separated batch keys to store (default: every per-sample key)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--store-video", action="store_true", help="also store model.decode(teacher_x0) as 'kd/video'")
+    p.add_argument("--store-video", action="store_true", help="also store model.decode(teacher_x0) as 'kd/video' "
+                   "(the decoded reference video of ODE pairs)")
     p.add_argument("--device", default=None, help="device of the teacher calls (default: the teacher's)")
     p.add_argument("--overwrite", action="store_true", help="delete the directory's shards and manifest first")
-    p.add_argument("--ode-pairs", help="also write the per-sample ODE-pair layout to this directory")
+    p.add_argument("--ode-pairs", help="also write the per-sample ODE-pair layout to this directory"
+                   + (" (default OUT/pairs)" if ode_pairs else ""))
     p.add_argument("--prompt-key", default="prompt", help="string key of the prompt texts (ODE pairs)")
     p.add_argument("--reference-key", default=None, help="tensor key of the reference video (ODE pairs)")
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_generate, ode_pairs_default=ode_pairs)

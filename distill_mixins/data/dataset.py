@@ -267,3 +267,24 @@ class ODEPairDataset(Dataset):
         except (SafetensorError, KeyError, ValueError) as error:
             raise KDDataError(f"{path} is not a readable ODE-pair file ({error}): {fix}") from error
         return {**tensors, "prompt": meta["prompt"]}
+
+
+def generate_ode_pairs(
+    model: Any, batches: Any, out_dir: str | Path, config: Any = None, *, pairs_dir: str | Path | None = None,
+    prompt_key: str | None = "prompt", reference_key: str | None = None,
+) -> Path:
+    """Stage 1 of the causal pipeline (MATH.md section 7): the teacher's CFG ODE solve with its states stored exactly
+    at the student's K times (``config.path_times``, default ``model.student_times()``), as KD data in ``out_dir``
+    (resumable, :func:`~distill_mixins.data.kd_data.generate_kd_data`), then the per-sample ODE-pair layout in
+    ``pairs_dir`` (default ``out_dir/pairs``, :func:`write_ode_pairs`). ``config``: a
+    :class:`~distill_mixins.data.kd_data.KDDataConfig` (default: its defaults). Returns the pairs' manifest path."""
+    import dataclasses
+
+    from distill_mixins.data.kd_data import KDDataConfig, generate_kd_data
+
+    config = KDDataConfig() if config is None else config
+    if config.path_times is None:
+        config = dataclasses.replace(config, path_times=tuple(model.student_times().tolist()))
+    generate_kd_data(model, batches, out_dir, config)
+    return write_ode_pairs(out_dir, Path(out_dir) / "pairs" if pairs_dir is None else pairs_dir,
+                           prompt_key=prompt_key, reference_key=reference_key)

@@ -12,6 +12,7 @@ Compose a method mixin before a host, as with your own model class::
 
 - :class:`CosmosVideo2WorldHost`: ``CosmosTransformer3DModel`` (Cosmos Predict2 / Predict2.5 DiT);
 - :class:`WanVideo2WorldHost`: ``WanTransformer3DModel`` (Wan 2.1 / 2.2);
+- :class:`CausalWanHost`: the same made block-causal with a KV cache (a causal student's host, docs/causal.md);
 - :class:`TextConditioner`, :class:`ByteTokenizer`: prompts -> embeddings; :class:`VideoCondition`: the condition;
 - :func:`load_transformer`: teacher weights from a local ``save_pretrained`` folder or a ``.safetensors`` file.
 
@@ -34,9 +35,11 @@ from distill_mixins.hosts.conditioning import ByteTokenizer, TextConditioner, Vi
 from distill_mixins.hosts.cosmos import CosmosVideo2WorldHost
 from distill_mixins.hosts.loading import load_state_dict_strict, load_transformer
 from distill_mixins.hosts.wan import WanImageCondition, WanVideo2WorldHost
+from distill_mixins.hosts.wan_causal import CausalWanHost
 
 __all__ = [
     "ByteTokenizer",
+    "CausalWanHost",
     "CosmosVideo2WorldHost",
     "DiffusersVideoHost",
     "TextConditioner",

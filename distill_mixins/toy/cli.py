@@ -63,6 +63,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="clips per step (default 48)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 6e-4)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    parser.add_argument("--arch", choices=("unet", "dit"), default=None,
+                        help="unet (the main demo's teacher, default) or dit (the causal pipeline's transformer "
+                        "teacher)")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default=None,
         help="auto: bf16 autocast where the CPU computes it natively (AMX, AVX512-BF16), float32 otherwise "

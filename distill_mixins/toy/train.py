@@ -42,6 +42,23 @@ from distill_mixins.trigflow import native_coefficients, native_to_trigflow_time
 
 WEIGHTS = Path(__file__).parent / "weights" / "toy_teacher.safetensors"
 """The shipped teacher (EMA UNet + text encoder, bf16)."""
+DIT_WEIGHTS = Path(__file__).parent / "weights" / "toy_dit_teacher.safetensors"
+"""The shipped bidirectional transformer teacher (EMA :class:`~distill_mixins.toy.causal_dit.ToyCausalDiT` + text
+encoder, bf16): the causal students' initialisation."""
+ARCHS = ("unet", "dit")
+"""``unet``: :class:`ToyUNet` (the main demo's teacher); ``dit``: :class:`~distill_mixins.toy.causal_dit.ToyCausalDiT`
+run bidirectionally (the causal pipeline's teacher, whose weights the causal student starts from)."""
+
+
+def make_network(arch: str) -> torch.nn.Module:
+    """A fresh teacher network of ``arch`` (:data:`ARCHS`)."""
+    if arch == "unet":
+        return ToyUNet()
+    if arch == "dit":
+        from distill_mixins.toy.causal_dit import ToyCausalDiT
+
+        return ToyCausalDiT()
+    raise ValueError(f"toy teacher arch={arch!r} is not known; use one of {', '.join(ARCHS)}.")
 
 
 @dataclass
@@ -66,9 +83,13 @@ class TeacherTrainConfig:
     resolve_precision`), ``bf16`` or ``fp32``. The shipped weights were trained under bf16 autocast."""
     save_every: int = 250
     conditional_sigma: float = 1e-4
+    arch: str = "unet"
+    """The network (:data:`ARCHS`): ``unet`` (the main demo's teacher) or ``dit`` (the causal pipeline's)."""
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "TeacherTrainConfig.precision")
+        if self.arch not in ARCHS:
+            raise ValueError(f"TeacherTrainConfig.arch={self.arch!r} is not known; use one of {', '.join(ARCHS)}.")
         for name in ("iterations", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherTrainConfig.{name}={getattr(self, name)} must be >= 1.")
@@ -121,14 +142,24 @@ def _lr_factor(iteration: int, config: TeacherTrainConfig) -> float:
 
 
 def save_teacher(path: Path, ema: ToyVideo2World, metadata: dict[str, str]) -> None:
-    """EMA UNet and text encoder as one bf16 safetensors file (``net.*``, ``text_encoder.*``), atomically."""
+    """EMA network and text encoder as one bf16 safetensors file (``net.*``, ``text_encoder.*``), atomically."""
     state = {f"net.{k}": v.to(torch.bfloat16) for k, v in ema.net.state_dict().items()}
     state |= {f"text_encoder.{k}": v.to(torch.bfloat16) for k, v in ema.text_encoder.state_dict().items()}
     write_atomic(path, lambda tmp: save_safetensors(plain_tensors(state, "toy teacher"), tmp, metadata))
 
 
+def teacher_arch(path: str | Path) -> str:
+    """The network of a teacher weights file (its metadata's config; files from before the option: ``unet``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads((f.metadata() or {}).get("config", "{}"))
+    return config.get("arch", "unet")
+
+
 def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> ToyVideo2World:
-    """The toy teacher host (UNet + text encoder, frozen conditioner) from ``path`` (default: the shipped weights)."""
+    """The toy teacher host (its network, UNet or DiT as the file says, + text encoder, frozen conditioner) from
+    ``path`` (default: the shipped UNet teacher; :data:`DIT_WEIGHTS` is the transformer teacher)."""
     path = Path(path) if path is not None else WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(
@@ -136,7 +167,7 @@ def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = tor
             "DIR/toy_teacher.safetensors, or reinstall distill-mixins (the package ships them)."
         )
     state = load_file(str(path))
-    host = ToyVideo2World(ToyUNet(), ToyTextEncoder())
+    host = ToyVideo2World(make_network(teacher_arch(path)), ToyTextEncoder())
     for prefix, module in (("net.", host.net), ("text_encoder.", host.text_encoder)):
         part = {k[len(prefix) :]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
@@ -158,7 +189,7 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
     recorded = {**asdict(config), "precision_resolved": ran.resolved}  # what ran: auto resolved on this machine
     (out / "teacher_config.json").write_text(json.dumps(recorded, indent=2))
     torch.manual_seed(config.seed)
-    host = ToyVideo2World(ToyUNet(), ToyTextEncoder())
+    host = ToyVideo2World(make_network(config.arch), ToyTextEncoder())
     host.text_encoder.requires_grad_(False)
     ema = copy.deepcopy(host).requires_grad_(False)
     opt = torch.optim.AdamW(host.net.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
@@ -200,7 +231,7 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
             write_atomic(state_path, partial(save_torch, state))
     seconds = time.perf_counter() - t0
     metadata = {"config": json.dumps(recorded), "command": command, "train_seconds": f"{seconds:.0f}"}
-    path = out / "toy_teacher.safetensors"
+    path = out / ("toy_teacher.safetensors" if config.arch == "unet" else "toy_dit_teacher.safetensors")
     save_teacher(path, ema, metadata)
     logger.info("toy teacher written to {} after {} iterations, {:.0f} s of training", path, config.iterations, seconds)
     return path
