@@ -1,4 +1,5 @@
-"""``distill-mixins toy-teacher``: train the toy Video2World teacher from scratch."""
+"""``distill-mixins toy-teacher`` (train the toy Video2World teacher from scratch), ``toy-teacher-samples``,
+``toy-causal-kd``."""
 
 from __future__ import annotations
 
@@ -87,3 +88,36 @@ def register(commands: Any) -> None:
     samples.add_argument("--steps", type=int, default=36, help="DDIM steps (default %(default)s)")
     samples.add_argument("--guidance", type=float, default=3.0, help="CFG scale w (default %(default)s)")
     samples.set_defaults(func=_teacher_samples)
+    causal = commands.add_parser(
+        "toy-causal-kd", help="the toy causal pipeline's first stages: ODE pairs -> CausalKD -> streaming evaluation",
+        description="ODE pairs from the bidirectional toy transformer teacher, CausalKD of a causal student started "
+        "from its weights, and an evaluation of the student streaming chunk by chunk against the teacher "
+        "(distill_mixins.toy.causal_kd; docs/causal.md). Resumable: re-run the same command.",
+    )
+    causal.add_argument("--out", default=None, help="run directory (default runs/toy-causal-kd)")
+    causal.add_argument("--teacher-weights", dest="teacher_weights", default=None,
+                        help="the transformer teacher (toy-teacher --arch dit); default: the shipped one")
+    for flag, kind, what in (("pairs", int, "ODE pairs"), ("teacher-steps", int, "teacher DDIM steps"),
+                             ("guidance", float, "CFG scale w"), ("iterations", int, "CausalKD iterations"),
+                             ("batch-size", int, "pairs per step"), ("lr", float, "AdamW learning rate"),
+                             ("context-noise", float, "TrigFlow time of the clean context frames (0: none)"),
+                             ("eval-clips", int, "held-out conditions evaluated"), ("seed", int, "seed")):
+        causal.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, default=None, help=what)
+    causal.add_argument("--precision", choices=PRECISIONS, default=None, help="auto (default), bf16 or fp32")
+    causal.add_argument("--quick", action="store_true", help="a CI-sized run")
+    causal.set_defaults(func=_toy_causal_kd)
+
+
+def _toy_causal_kd(args: argparse.Namespace) -> int:
+    from distill_mixins.toy.causal_kd import CausalKDRunConfig, run_causal_kd
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(CausalKDRunConfig)}
+    values = {name: value for name, value in given.items() if value is not None}
+    with config_errors():
+        config = CausalKDRunConfig.quick(**values) if args.quick else CausalKDRunConfig(**values)
+    result = run_causal_kd(config)
+    for name, figures in result.samplers.items():
+        print(f"{name:20s} FD {figures['fd']:7.3f}  adherence {figures['prompt_adherence']:.3f}  "
+              f"consistency {figures['temporal_consistency']:.3f}")
+    print(f"FD floor {result.fd_floor:.3f}; metrics: {config.out}/metrics.json")
+    return 0
