@@ -86,7 +86,7 @@ class CausalHost(Protocol):
     def predict_causal(self, net: nn.Module, x: Tensor, time: Tensor, condition: Any) -> Tensor:
         """Block-causal full-sequence forward: raw output (B, C, T, H, W) of ``net`` at native state x and per-frame
         native time (B, T). ``x`` holds frames ``0 .. T - 1`` of the clip ``condition`` belongs to (all of them, or
-        a prefix). Raises when the block-causal mask cannot be built (never full attention instead)."""
+        a prefix). Raises when the block-causal layout cannot be built (never full attention instead)."""
         ...
 
     def predict_chunk(

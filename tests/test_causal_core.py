@@ -10,12 +10,15 @@ import torch
 
 from distill_mixins.causal import (
     KVCache,
+    block_causal_attention,
     block_causal_mask,
+    block_causal_spans,
     chunk_bounds,
     chunk_of_frame,
     chunk_step_indices,
     frame_chunks,
     require_mask,
+    require_spans,
     step_times,
 )
 from distill_mixins.causal import mask as mask_module
@@ -167,3 +170,38 @@ def test_step_times_errors():
     with pytest.raises(ValueError, match="num_steps"):
         chunk_step_indices(_draws(0), 2, 8, 3, 0)
     assert math.isclose(float(step_times(torch.tensor([[0]]), torch.tensor([1.5]))), 1.5)
+
+
+# ------------------------------------------------------------------------------------ chunk-wise attention
+
+
+def test_block_causal_spans_known_answer():
+    spans = block_causal_spans(7, 3, tokens_per_frame=4)
+    assert spans.spans == ((0, 4), (4, 16), (16, 28)) and spans.tokens == 28
+    assert require_spans(7, 3, 4) == spans
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_chunk_wise_attention_equals_the_masked_attention(layout):
+    """Each chunk's queries over the key prefix to its end == one SDPA call with the block-causal mask (float64)."""
+    g = torch.Generator().manual_seed(0)
+    frames, tpf = 8, 3
+    shape = (2, 4, frames * tpf, 8) if layout == "bhsd" else (2, frames * tpf, 4, 8)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    out = block_causal_attention(q, k, v, block_causal_spans(frames, 3, tpf), layout=layout)
+    qh, kh, vh = (t if layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v))
+    masked = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=block_causal_mask(frames, 3, tpf))
+    expected = masked if layout == "bhsd" else masked.transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    full = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+    assert (out - (full if layout == "bhsd" else full.transpose(1, 2))).abs().max() > 1e-3  # not full attention
+
+
+def test_the_layout_cannot_silently_disappear(monkeypatch):
+    import distill_mixins.causal.attention as layout_module
+
+    monkeypatch.setattr(layout_module, "block_causal_spans", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="does not fall back to full attention"):
+        require_spans(7, 3, 2)
+    with pytest.raises(ValueError, match="layout 14"):
+        block_causal_attention(*(torch.zeros(1, 1, 12, 2) for _ in range(3)), block_causal_spans(7, 3, 2))

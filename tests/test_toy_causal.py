@@ -185,20 +185,20 @@ def test_rolling_window_streams_past_max_frames_and_evicts():
 
 
 @pytest.mark.parametrize("broken", ["raise", "none"])
-def test_block_causal_forward_raises_without_its_mask(monkeypatch, broken):
-    import distill_mixins.causal.mask as mask_module
+def test_block_causal_forward_raises_without_its_layout(monkeypatch, broken):
+    import distill_mixins.causal.attention as layout_module
 
-    def no_mask(*args, **kwargs):
+    def no_layout(*args, **kwargs):
         if broken == "raise":
-            raise MemoryError("no room for the mask")
+            raise MemoryError("no room for the layout")
         return None
 
     net = small_net()
     x, tau, mask, text = inputs(7)
-    monkeypatch.setattr(mask_module, "block_causal_mask", no_mask)
+    monkeypatch.setattr(layout_module, "block_causal_spans", no_layout)
     with pytest.raises(RuntimeError, match="does not fall back to full attention"):
         net(x, tau, mask, text, attention="block_causal")
-    assert net(x, tau, mask, text, attention="bidirectional").shape == x.shape  # the other modes need no mask
+    assert net(x, tau, mask, text, attention="bidirectional").shape == x.shape  # the other modes need no layout
 
 
 def test_activation_checkpointed_blocks_give_the_same_gradients():

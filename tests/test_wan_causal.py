@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-import distill_mixins.causal.mask
+import distill_mixins.causal.attention
 from distill_mixins import KDConfig, KDMixin
 from distill_mixins.causal import chunk_bounds
 from distill_mixins.contract import CausalHost, check_causal_host_class
@@ -293,17 +293,17 @@ def test_cache_detached_and_gradient_flows():
 # -------------------------------------------------------------------------------- the mask cannot vanish
 
 
-def test_predict_causal_raises_without_mask(monkeypatch):
+def test_predict_causal_raises_without_its_layout(monkeypatch):
     host = make_host()
     x, time, condition = inputs(7, host=host)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("no mask today")
+        raise RuntimeError("no layout today")
 
-    monkeypatch.setattr(distill_mixins.causal.mask, "block_causal_mask", broken)
+    monkeypatch.setattr(distill_mixins.causal.attention, "block_causal_spans", broken)
     with pytest.raises(RuntimeError, match="does not fall back to full attention"), torch.no_grad():
         host.predict_causal(host.net, x, time, condition)
-    monkeypatch.setattr(distill_mixins.causal.mask, "block_causal_mask", lambda *a, **k: torch.ones(3, 3))
+    monkeypatch.setattr(distill_mixins.causal.attention, "block_causal_spans", lambda *a, **k: torch.ones(3, 3))
     with pytest.raises(RuntimeError, match="does not fall back"), torch.no_grad():
         host.predict_causal(host.net, x, time, condition)
     assert causal_state(host.net).call is None

@@ -4,6 +4,12 @@ streaming inference.
 One implementation serves every causal host (ARCHITECTURE.md, "Causal students"; MATH.md section 7).
 """
 
+from distill_mixins.causal.attention import (
+    BlockCausalSpans,
+    block_causal_attention,
+    block_causal_spans,
+    require_spans,
+)
 from distill_mixins.causal.chunks import check_chunk_size, chunk_bounds, chunk_of_frame, frame_chunks
 from distill_mixins.causal.kv_cache import KVCache
 from distill_mixins.causal.mask import block_causal_mask, require_mask
@@ -17,9 +23,12 @@ from distill_mixins.causal.streaming import (
 from distill_mixins.causal.time_sampler import chunk_step_indices, step_times
 
 __all__ = [
+    "BlockCausalSpans",
     "KVCache",
     "StreamedChunk",
+    "block_causal_attention",
     "block_causal_mask",
+    "block_causal_spans",
     "causal_denoiser",
     "check_chunk_size",
     "chunk_bounds",
@@ -28,6 +37,7 @@ __all__ = [
     "frame_chunks",
     "generate_causal",
     "require_mask",
+    "require_spans",
     "step_times",
     "stream_causal",
     "stream_causal_uncached",

@@ -6,8 +6,9 @@
 
 - ``predict`` is unchanged: the bidirectional diffusers computation, bit for bit (the teacher and the critic of
   Self-Forcing stay bidirectional, and they are copies of the same network);
-- ``predict_causal``: one full-sequence forward where the self-attention of every block takes the block-causal mask
-  of :func:`distill_mixins.causal.require_mask` (a frame of chunk c attends to the frames of chunks <= c), at
+- ``predict_causal``: one full-sequence forward where the self-attention of every block runs chunk by chunk
+  (:func:`distill_mixins.causal.block_causal_attention` on :func:`~distill_mixins.causal.require_spans`: a frame of
+  chunk c attends to the frames of chunks <= c; no (S, S) mask), at
   per-frame time (B, T);
 - ``predict_chunk``: one chunk of frames ``start_frame ..`` through a per-self-attention-layer
   :class:`~distill_mixins.causal.KVCache`; its rotary embedding takes the absolute frame indices (a "RoPE offset");
@@ -31,9 +32,9 @@ reads the mode from it. A processor that gets a plain rotary embedding runs the 
 Carrying the mode *in the rotary embedding* rather than reading the state at attention time makes activation
 checkpointing safe (diffusers' ``gradient_checkpointing`` and the library's ``CheckpointedForward``, both
 non-reentrant): the recomputation in the backward pass, which runs after the ``with`` block has ended, gets the same
-block arguments and so the same mode, mask and offset. For the same reason the cached keys and values a layer reads
-are kept on the call (the recomputation reuses them even if the cache changed since) and a layer stores at most once
-per call.
+block arguments and so the same mode, chunk layout and offset. For the same reason the cached keys and values a
+layer reads are kept on the call (the recomputation reuses them even if the cache changed since) and a layer stores at
+most once per call.
 
 Copies: ``copy.deepcopy(net)`` copies the state once and rebinds the copy's processors and hook to the copy's state
 (deepcopy's memo), so the student, critic and EMA built from the teacher each have their own caches and mode. The
@@ -57,7 +58,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
-from distill_mixins.causal import KVCache, check_chunk_size, require_mask
+from distill_mixins.causal import BlockCausalSpans, KVCache, block_causal_attention, check_chunk_size, require_spans
 from distill_mixins.hosts.wan import WanVideo2WorldHost
 from distill_mixins.parallel.attention import attention
 
@@ -73,14 +74,14 @@ MODES = ("block_causal", "cached")
 class CausalCall:
     """The mode of one forward of a network (set by the host around ``net(...)``, carried by the rotary embedding).
 
-    mode: ``"block_causal"`` (full sequence, ``mask``) or ``"cached"`` (one chunk of frames ``start_frame ..``);
-    mask: the (S, S) bool block-causal mask (block_causal); store_kv: write the chunk's keys and values (cached).
+    mode: ``"block_causal"`` (full sequence, ``spans``) or ``"cached"`` (one chunk of frames ``start_frame ..``);
+    spans: the block-causal chunk layout (block_causal); store_kv: write the chunk's keys and values (cached).
     Filled during the forward: frames and tokens_per_frame (by the rope hook), ``context`` (per layer, the cached keys
     and values read, reused by a recomputation), ``stored`` (layers that stored), ``layers`` (layers that ran causally).
     """
 
     mode: str
-    mask: Tensor | None = None
+    spans: BlockCausalSpans | None = None
     start_frame: int = 0
     store_kv: bool = False
     frames: int | None = None
@@ -196,8 +197,9 @@ class CausalWanAttnProcessor:
 
     With a plain rotary embedding: the processor it replaced (``original``), unchanged. With a :class:`CausalRotary`:
     the projections, RMS norms of q and k, rotary embedding and output projection of ``WanAttnProcessor``, with
-    attention through the library's dispatch (:func:`distill_mixins.parallel.attention.attention`): masked with the
-    call's block-causal mask, or over the layer's cached frames before the chunk plus the chunk itself.
+    attention through the library's dispatch (:func:`distill_mixins.parallel.attention.attention`): chunk by chunk
+    over the key prefix of each chunk (block-causal), or over the layer's cached frames before the chunk plus the
+    chunk itself.
     """
 
     def __init__(self, state: CausalAttentionState, layer: int, original: Any) -> None:
@@ -250,15 +252,13 @@ class CausalWanAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
     def _block_causal(self, call: CausalCall, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        mask = call.mask
-        tokens = q.shape[1]
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (tokens, tokens):
+        spans, tokens = call.spans, q.shape[1]
+        if not isinstance(spans, BlockCausalSpans) or spans.tokens != tokens:
             raise RuntimeError(
-                f"self-attention layer {self.layer}: a block-causal forward of {tokens} tokens needs a ({tokens}, "
-                f"{tokens}) bool mask, got {type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}; a causal "
-                "forward does not fall back to full attention."
+                f"self-attention layer {self.layer}: a block-causal forward of {tokens} tokens needs their chunk "
+                f"layout, got {spans!r}; a causal forward does not fall back to full attention."
             )
-        return attention(q, k, v, layout="bshd", attn_mask=mask)
+        return block_causal_attention(q, k, v, spans, layout="bshd")
 
     def _cached(self, call: CausalCall, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D), the cache's layout
@@ -452,13 +452,13 @@ class CausalWanHost(WanVideo2WorldHost):
     def predict_causal(self, net: nn.Module, x: Tensor, time: Tensor, condition: Any) -> Tensor:
         """Velocity (B, C, T, H, W) of ``net`` at RF state x and per-frame time tau (B, T) with block-causal
         self-attention (a frame of chunk c attends to the frames of chunks <= c; positions 0 .. T-1). Raises when
-        the mask cannot be built. The KV cache is neither read nor written."""
+        the chunk layout cannot be built. The KV cache is neither read nor written."""
         state = self._state(net)
         _, p_h, p_w = net.config.patch_size
         tokens_per_frame = (x.shape[3] // p_h) * (x.shape[4] // p_w)
-        mask = require_mask(x.shape[2], self.chunk_size, tokens_per_frame, x.device)
+        spans = require_spans(x.shape[2], self.chunk_size, tokens_per_frame)
         time = self._frame_time(time, x, "predict_causal")
-        return self._run(net, state, CausalCall("block_causal", mask=mask), x, time, condition)
+        return self._run(net, state, CausalCall("block_causal", spans=spans), x, time, condition)
 
     def predict_chunk(
         self, net: nn.Module, x: Tensor, time: Tensor, condition: Any, start_frame: int, store_kv: bool

@@ -7,8 +7,9 @@ the call signature of the toy teacher's :class:`~distill_mixins.toy.unet.ToyUNet
 the attention mode. Every mode goes through ``forward`` (FSDP2 hooks run on ``__call__`` only):
 
 - ``"bidirectional"``: every token attends to every token (the teacher's kind of forward);
-- ``"block_causal"``: one full-sequence forward; a frame of chunk c attends to the frames of chunks <= c, by the
-  mask of :func:`~distill_mixins.causal.require_mask` (which raises rather than fall back to full attention);
+- ``"block_causal"``: one full-sequence forward; a frame of chunk c attends to the frames of chunks <= c, chunk by
+  chunk (:func:`~distill_mixins.causal.block_causal_attention` on the layout of
+  :func:`~distill_mixins.causal.require_spans`, which raises rather than fall back to full attention; no mask);
 - ``"cached"``: x is one chunk, frames ``start_frame .. start_frame + n - 1``; it attends to each block's
   :class:`~distill_mixins.causal.KVCache` context (the cached frames before ``start_frame``) plus its own keys;
   ``store_kv=True`` writes the chunk's keys and values (after RoPE) into the caches, ``store_kv=False`` leaves them.
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from distill_mixins.causal import KVCache, check_chunk_size, require_mask
+from distill_mixins.causal import BlockCausalSpans, KVCache, block_causal_attention, check_chunk_size, require_spans
 from distill_mixins.parallel.attention import attention as attention_dispatch
 from distill_mixins.testing.transformer import apply_rope, patchify, rope_angles, rope_axis_dims, unpatchify
 from distill_mixins.toy.host import ToyCondition, ToyVideo2World
@@ -65,11 +66,12 @@ class CausalBlock(nn.Module):
         self.kv_cache = kv_cache
 
     def forward(
-        self, x: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+        self, x: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, spans: BlockCausalSpans | None = None,
         context: tuple[Tensor, Tensor] | None = None, store_frame: int | None = None,
     ) -> Tensor:
         """x (B, S, dim) tokens of T frames (frame-major, S = T * P), emb (B, T, dim) per-frame embedding, cos/sin
-        (S, head_dim / 2), mask (S, S) bool or None, context: cached keys/values (B, H, S_ctx, head_dim) attended
+        (S, head_dim / 2), spans: the block-causal chunk layout (None: every token sees every key), context: cached
+        keys/values (B, H, S_ctx, head_dim) attended
         to besides the tokens' own; ``store_frame``: write this call's keys/values into ``kv_cache`` at that first
         frame (None: not). Returns (B, S, dim)."""
         b, s, dim = x.shape
@@ -89,7 +91,11 @@ class CausalBlock(nn.Module):
                     "clear_kv_cache() before a new batch."
                 )
             k, v = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
-        o = attention_dispatch(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, dim)
+        if spans is not None:
+            o = block_causal_attention(q, k, v, spans)
+        else:
+            o = attention_dispatch(q, k, v)
+        o = o.transpose(1, 2).reshape(b, s, dim)
         x = x + (gate1 * self.proj(o).view(b, frames, -1, dim)).reshape(b, s, dim)
         h = _modulate(self.norm2(x).view(b, frames, -1, dim), shift2, scale2)
         return x + (gate2 * self.mlp(h)).reshape(b, s, dim)
@@ -191,15 +197,15 @@ class ToyCausalDiT(nn.Module):
                                     text.to(device=x.device, dtype=dtype)[:, None].expand(b, frames, -1)], dim=-1))
         cos, sin = self._rope(start_frame, grid, dtype, x.device)
 
-        mask = None
+        spans = None
         if attention == "block_causal":
-            mask = require_mask(frames, chunk, per_frame, x.device)  # raises: never full attention instead
+            spans = require_spans(frames, chunk, per_frame)  # raises: never full attention instead
         if attention == "cached":
             self._check_chunk(frames, chunk, per_frame)
         for block in self.blocks:
             context = block.kv_cache.context(start_frame) if attention == "cached" else None
             store = start_frame if store_kv else None
-            tokens = block(tokens, emb, cos, sin, mask, context, store)
+            tokens = block(tokens, emb, cos, sin, spans, context, store)
 
         shift, scale = self.modulation_out(F.silu(emb))[:, :, None].chunk(2, dim=-1)
         out = self.head(_modulate(self.norm_out(tokens).view(b, frames, per_frame, -1), shift, scale))
