@@ -16,7 +16,7 @@ network's cache use its rolling window (set on the host's network, e.g. ``set_kv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,27 +41,40 @@ class StreamedChunk:
     x0: Tensor
 
 
+RandnLike = Callable[[Tensor], Tensor]
+"""``randn_like(x) -> unit normal noise shaped like x``: an injectable source of fresh noise (e.g. a training
+step's split-invariant ``model.draws.randn_like``)."""
+
+
 def stream_causal(
     denoise: ChunkDenoiser, noise: Tensor, ts: Tensor, *, chunk_size: int, sigma_data: float,
     generator: torch.Generator | None = None, renoise: str = "fresh", context_time: float = 0.0,
+    exits: Sequence[int] | None = None, randn_like: RandnLike | None = None,
 ) -> Iterator[StreamedChunk]:
     """Chunk-by-chunk few-step sampling (see the module docstring): ``noise`` (B, C, T, H, W) unit normal sets the
     rollout's length, ``ts`` the K descending TrigFlow times, ``renoise`` as :func:`~distill_mixins.sampling.
-    sample_student`, ``context_time`` the time the cache is refreshed at (0: the clean chunk); ``generator`` the
-    only randomness (fresh re-noising, context noise). The caller clears the cache before."""
+    sample_student`, ``context_time`` the time the cache is refreshed at (0: the clean chunk). Randomness (fresh
+    re-noising, context noise): ``randn_like`` when given, else ``generator``. ``exits``: per chunk the step whose x0
+    finishes the chunk (Self-Forcing's exit steps; None: the last, K - 1). The caller clears the cache before."""
     check_choice("stream_causal", "renoise", renoise, RENOISE_MODES)
     times = [float(t) for t in ts]
-    for start, end in chunk_bounds(noise.shape[2], chunk_size):
+    bounds = chunk_bounds(noise.shape[2], chunk_size)
+    exits = [len(times) - 1] * len(bounds) if exits is None else list(exits)
+    if len(exits) != len(bounds) or any(not 0 <= e < len(times) for e in exits):
+        raise ValueError(f"stream_causal: exits={exits} must give one step in 0..{len(times) - 1} per chunk "
+                         f"({len(bounds)} chunks).")
+    fresh = randn_like or (lambda x: torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator))
+    for (start, end), exit_step in zip(bounds, exits, strict=True):
         eps = noise[:, :, start:end]
         x = initial_state(eps, ts[0], sigma_data)
-        for k, t in enumerate(times):
+        for k, t in enumerate(times[: exit_step + 1]):
             x0 = denoise(x, _times(x, t), start, False)
-            if k + 1 < len(times):
-                x = renoise_state(x, x0, t, times[k + 1], eps, renoise, sigma_data=sigma_data, generator=generator)
+            if k < exit_step:
+                mode, given = ("initial", fresh(eps)) if renoise == "fresh" else (renoise, eps)
+                x = renoise_state(x, x0, t, times[k + 1], given, mode, sigma_data=sigma_data)
         context = x0
         if context_time > 0:
-            fresh = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
-            context = add_noise(x0, fresh, torch.tensor(context_time, dtype=torch.float64), sigma_data)
+            context = add_noise(x0, fresh(x0), torch.tensor(context_time, dtype=torch.float64), sigma_data)
         denoise(context, _times(x0, context_time), start, True)
         yield StreamedChunk(start, end, x0)
 
@@ -115,18 +128,18 @@ def causal_denoiser(model: Any, net: nn.Module, condition: Any) -> ChunkDenoiser
 def generate_causal(
     model: Any, condition: Any, noise: Tensor, *, net: nn.Module | None = None, ts: Tensor | None = None,
     generator: torch.Generator | None = None, renoise: str = "ode", context_time: float = 0.0,
-    stream: bool = False,
+    stream: bool = False, randn_like: RandnLike | None = None,
 ) -> Tensor | Iterator[StreamedChunk]:
     """Sample a clip (B, C, T, H, W) chunk by chunk with the causal student ``net`` (default ``model.net``) of a
     composed model, its cache cleared first; ``ts`` default ``model.student_times()``. ``stream=True`` returns
     the iterator of :class:`StreamedChunk` instead (each chunk as soon as it is done). ``renoise`` default
-    ``"ode"`` (the input a CausalKD student was trained on)."""
+    ``"ode"`` (the input a CausalKD student was trained on); fresh noise from ``randn_like`` or ``generator``."""
     net = model.net if net is None else net
     ts = model.student_times() if ts is None else ts
     model.clear_kv_cache(net)
     chunks = stream_causal(
         causal_denoiser(model, net, condition), noise, ts, chunk_size=model.chunk_size, sigma_data=model.sigma_data,
-        generator=generator, renoise=renoise, context_time=context_time,
+        generator=generator, renoise=renoise, context_time=context_time, randn_like=randn_like,
     )
     if stream:
         return _no_grad(chunks)
