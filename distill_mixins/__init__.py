@@ -10,16 +10,7 @@ from distill_mixins.config import DistillConfig, EMAConfig, OptimizerConfig, Tim
 from distill_mixins.contract import ContextParallelHost, DenoiseAdapterMixin, DiffusionHost, FrameConditioning
 from distill_mixins.core import DistillationCoreMixin, DistillBatch
 from distill_mixins.discriminator import DiscriminatorConfig
-from distill_mixins.methods import (
-    DMD2Config,
-    DMD2Mixin,
-    KDConfig,
-    KDMixin,
-    RefinedKDConfig,
-    RefinedKDMixin,
-    SCMConfig,
-    SCMMixin,
-)
+from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
 from distill_mixins.trigflow import Denoised, TrigFlowMixin
 
 __version__ = "0.1.0"
@@ -42,8 +33,6 @@ __all__ = [
     "OptimizerConfig",
     "RefinedKDConfig",
     "RefinedKDMixin",
-    "SCMConfig",
-    "SCMMixin",
     "TimeSamplerConfig",
     "TrigFlowMixin",
 ]
