@@ -36,6 +36,8 @@ from distill_mixins.errors import ConfigError, MissingFileError, config_errors
 METHODS: dict[str, str] = {
     "kd": "distill_mixins.methods.kd:KDMixin",
     "dmd2": "distill_mixins.methods.dmd2:DMD2Mixin",
+    "causal_kd": "distill_mixins.methods.causal_kd:CausalKDMixin",
+    "self_forcing": "distill_mixins.methods.self_forcing:SelfForcingMixin",
 }
 """Method name -> ``"module:MixinClass"``; the mixin's ``config_class`` parses ``method_config``.
 A new method registers in one line, e.g. ``METHODS["dmd2"] = "distill_mixins.methods.dmd2:DMD2Mixin"``."""

@@ -174,3 +174,11 @@ def test_a_signal_stops_the_run_between_stages_and_the_rerun_finishes_it(tmp_pat
     assert state["iteration"] == 5
     assert (tmp_path / "run" / "second" / "checkpoints" / "latest").read_text() == "iter_000002\n"
     assert load_run_config(path, ["stages.1.trainer.iterations=7"]).stages[1].trainer["iterations"] == 7
+
+
+def test_every_registered_method_resolves():
+    """Each run-config method name names a method mixin with its config class (the causal pipeline's included)."""
+    assert {"kd", "dmd2", "causal_kd", "self_forcing"} <= set(METHODS)
+    for name in METHODS:
+        mixin = method_mixin(name)
+        assert hasattr(mixin, "config_class") and mixin.config_class().student_update_freq >= 1
