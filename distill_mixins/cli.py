@@ -14,7 +14,12 @@ from loguru import logger
 from distill_mixins.errors import ConfigError, UsageError, config_errors, describe
 from distill_mixins.precision import PRECISIONS
 
-COMMAND_MODULES: tuple[str, ...] = ("distill_mixins.trainer.cli", "distill_mixins.data.cli", "distill_mixins.toy.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "distill_mixins.trainer.cli",
+    "distill_mixins.data.cli",
+    "distill_mixins.toy.cli",
+    "distill_mixins.trainer.pipeline",
+)
 """Modules whose ``register(subparsers)`` adds a subcommand (light imports only; heavy ones inside the handler)."""
 
 

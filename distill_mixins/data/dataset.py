@@ -286,5 +286,23 @@ def generate_ode_pairs(
     if config.path_times is None:
         config = dataclasses.replace(config, path_times=tuple(model.student_times().tolist()))
     generate_kd_data(model, batches, out_dir, config)
-    return write_ode_pairs(out_dir, Path(out_dir) / "pairs" if pairs_dir is None else pairs_dir,
-                           prompt_key=prompt_key, reference_key=reference_key)
+    pairs = Path(out_dir) / "pairs" if pairs_dir is None else Path(pairs_dir)
+    if pairs_up_to_date(out_dir, pairs, prompt_key, reference_key):
+        logger.info("ODE pairs in {} are up to date with {}; not rewritten", pairs, out_dir)
+        return pairs / ODE_PAIRS_MANIFEST
+    return write_ode_pairs(out_dir, pairs, prompt_key=prompt_key, reference_key=reference_key)
+
+
+def pairs_up_to_date(kd_root: str | Path, pairs_dir: Path, prompt_key: str | None, reference_key: str | None) -> bool:
+    """Whether ``pairs_dir`` already holds the pair layout of the KD dataset ``kd_root`` as it is now (the same
+    source, teacher, times, keys and count, every listed file present with its size)."""
+    path = pairs_dir / ODE_PAIRS_MANIFEST
+    if not path.is_file():
+        return False
+    pairs, source = json.loads(path.read_text(encoding="utf-8")), load_manifest(kd_root)
+    same = (pairs.get("source") == str(Path(kd_root).resolve()) and pairs.get("teacher_hash") == source["teacher_hash"]
+            and pairs.get("path_times") == source["path_times"] and pairs.get("prompt_key") == prompt_key
+            and pairs.get("reference_key") == reference_key
+            and pairs.get("count") == sum(shard["samples"] for shard in source["shards"]))
+    return same and all((pairs_dir / f["file"]).is_file() and (pairs_dir / f["file"]).stat().st_size == f["bytes"]
+                        for f in pairs["files"])
