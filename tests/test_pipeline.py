@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from distill_mixins.trainer import FunctionData
+from distill_mixins.trainer.pipeline import load_pipeline, run_pipeline
 
 from distill_mixins.cli import main as cli_main
 from distill_mixins.errors import ConfigError
 from distill_mixins.toy.causal_dit import ToyCausalDiT, ToyCausalVideo2World
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.text import ToyTextEncoder
-from distill_mixins.trainer import FunctionData
-from distill_mixins.trainer.pipeline import load_pipeline, run_pipeline
 
 HERE = "tests.test_pipeline"
 FRAMES, SIZE = 5, 16  # chunks of 2 and 3 frames
