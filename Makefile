@@ -10,7 +10,7 @@ $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,diffusers,parallel]'
+	$(PY) -m pip install -q -e '.[dev,diffusers,parallel,lora]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job: distill a 36-step CFG teacher into a 1-step student, print figures

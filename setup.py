@@ -35,6 +35,7 @@ setup(
         "parallel": ["megatron-core>=0.8"],
         "flash": ["flash-attn>=2.5"],
         "diffusers": ["diffusers>=0.32"],
+        "lora": ["peft>=0.13"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "setuptools>=64", "wheel"],
     },
     entry_points={"console_scripts": ["distill-mixins=distill_mixins.cli:main"]},

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from distill_mixins.checkpointer.checkpointer import resolve_checkpoint, verify_checkpoint
 from distill_mixins.checkpointer.files import CheckpointError, fsync_dir, save_safetensors
@@ -14,14 +16,25 @@ from safetensors.torch import load_file
 from torch import nn
 
 STUDENT_FORMAT = "distill-mixins-student/1"
+LORA_FORMAT = "distill-mixins-lora/1"
+"""``distill_format`` of a ``--lora`` file (its ``format`` is ``pt``, as diffusers writes LoRA files)."""
+MERGED_FORMAT = "distill-mixins-student-merged/1"
 
 
-def extract_student_weights(checkpoint: str | Path, output: str | Path, *, ema: bool = False) -> Path:
+def extract_student_weights(
+    checkpoint: str | Path, output: str | Path, *, ema: bool = False, lora: bool = False, merge: bool = False,
+    base: str | Path | None = None,
+) -> Path:
     """Write the student (``ema=True``: its EMA) of a checkpoint to ``output`` (safetensors, atomic).
 
     ``checkpoint``: a checkpoint directory, a checkpoints directory or a run directory (newest usable one).
     Keys are the network's own ``state_dict`` keys, so the file loads into ``host.net`` of a plain host. A sharded
     checkpoint's student is gathered into one file (in this process; no process group needed).
+
+    A LoRA run (``DistillConfig.lora``) saves the student adapter only. ``lora=True`` writes it in the PEFT format
+    diffusers' LoRA loaders read (``transformer.<module>.lora_A.weight`` and the ``LoraConfig`` in the metadata);
+    ``merge=True`` writes the base network's full state dict with the adapter merged, from the base weights in
+    ``base`` (a safetensors file of the teacher network's state dict).
     """
     path = resolve_checkpoint(checkpoint)
     manifest = verify_checkpoint(path)
@@ -36,11 +49,40 @@ def extract_student_weights(checkpoint: str | Path, output: str | Path, *, ema: 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     meta = {"format": STUDENT_FORMAT, "source": str(path), "iteration": str(manifest["iteration"]), "network": attr}
+    if lora or merge:
+        tensors, meta = _lora_export(path, tensors, meta, merge=merge, base=base)
     save_safetensors(tensors, tmp, meta)
     os.replace(tmp, output)
     fsync_dir(output.parent)
     logger.info("wrote {} ({} of {}, iteration {})", output, "EMA" if ema else "student", path, manifest["iteration"])
     return output
+
+
+def _lora_export(
+    path: Path, tensors: dict[str, Any], meta: dict[str, str], *, merge: bool, base: str | Path | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The adapter of a LoRA checkpoint as a diffusers LoRA file, or merged into the base weights (``merge``)."""
+    from distill_mixins.lora import adapter_to_diffusers, checkpoint_lora_spec, merge_adapter
+
+    config_file = path / "config.json"
+    spec = checkpoint_lora_spec(json.loads(config_file.read_text(encoding="utf-8"))) if config_file.is_file() else None
+    if spec is None:
+        flag = "--merge" if merge else "--lora"
+        raise CheckpointError(f"{path} was not trained with DistillConfig.lora (its config.json has no distill.lora): "
+                              f"extract it without {flag}.")
+    try:
+        if not merge:
+            tensors, lora_meta = adapter_to_diffusers(tensors, spec)
+            return tensors, {**meta, **lora_meta, "distill_format": LORA_FORMAT}
+        if base is None:
+            raise CheckpointError("--merge needs --base: the base (teacher) network's weights as a safetensors file "
+                                  "(its plain state dict; a checkpoint never holds the base).")
+        if not Path(base).is_file():
+            raise CheckpointError(f"--base {base} is not a file: give the teacher network's safetensors weights.")
+        merged = merge_adapter(load_file(str(base)), tensors, spec)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    return merged, {**meta, "format": MERGED_FORMAT, "lora_rank": str(spec["rank"]), "lora_alpha": str(spec["alpha"])}
 
 
 def student_file_metadata(path: str | Path) -> dict[str, str]:

@@ -6,11 +6,20 @@ Compose a method mixin before your own model class::
     model = MyDistill(<host args>, distill=KDConfig())
 """
 
-from distill_mixins.config import DistillConfig, EMAConfig, OptimizerConfig, TimeSamplerConfig
+from distill_mixins.config import DistillConfig, EMAConfig, LoraSpec, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.contract import ContextParallelHost, DenoiseAdapterMixin, DiffusionHost, FrameConditioning
 from distill_mixins.core import DistillationCoreMixin, DistillBatch
 from distill_mixins.discriminator import DiscriminatorConfig
-from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
+from distill_mixins.methods import (
+    DMD2Config,
+    DMD2Mixin,
+    KDConfig,
+    KDMixin,
+    RefinedKDConfig,
+    RefinedKDMixin,
+    SCMConfig,
+    SCMMixin,
+)
 from distill_mixins.trigflow import Denoised, TrigFlowMixin
 
 __version__ = "0.1.0"
@@ -30,9 +39,12 @@ __all__ = [
     "FrameConditioning",
     "KDConfig",
     "KDMixin",
+    "LoraSpec",
     "OptimizerConfig",
     "RefinedKDConfig",
     "RefinedKDMixin",
+    "SCMConfig",
+    "SCMMixin",
     "TimeSamplerConfig",
     "TrigFlowMixin",
 ]

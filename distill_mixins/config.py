@@ -142,6 +142,50 @@ class TimeSamplerConfig:
             )
 
 
+@dataclass
+class LoraSpec:
+    """LoRA distillation (:mod:`distill_mixins.lora`, needs ``pip install 'distill-mixins[lora]'``): the student (and
+    the critic) are peft LoRA adapters on the teacher's own network, which stays frozen and is never copied.
+
+    ``target_modules``: module names (or name suffixes, peft's rule) of the linear layers that get adapters, e.g.
+    ``("to_q", "to_k", "to_v", "to_out.0")``; a single string is a regular expression matched against the full
+    module name. ``alpha / rank`` scales the adapters' output. ``critic``: the critic is an adapter too (else a copy
+    of the teacher, or ``critic_net``).
+    """
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] | str
+    dropout: float = 0.0
+    critic: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraSpec.rank={self.rank!r} must be an int >= 1.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"LoraSpec.alpha={self.alpha!r} must be a finite number > 0.")
+        check_positive("LoraSpec", "alpha", self.alpha)
+        self.alpha = float(self.alpha)
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise ValueError("LoraSpec.target_modules='' is empty; name the linear layers to adapt.")
+        else:
+            names = tuple(self.target_modules) if isinstance(self.target_modules, (list, tuple)) else None
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(
+                    f"LoraSpec.target_modules={self.target_modules!r} must be a non-empty list of module names "
+                    "(e.g. ('to_q', 'to_k', 'to_v', 'to_out.0')) or one regular expression."
+                )
+            self.target_modules = names
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+            0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(f"LoraSpec.dropout={self.dropout!r} must be a number in [0, 1).")
+        self.dropout = float(self.dropout)
+        if not isinstance(self.critic, bool):
+            raise ValueError(f"LoraSpec.critic={self.critic!r} must be True or False.")
+
+
 DRAWS = ("global", "per_sample")
 
 
@@ -180,6 +224,9 @@ class DistillConfig:
     one process only: data parallelism always uses ``per_sample``)."""
     seed: int = 0
     """Seed of the ``per_sample`` draws (``global`` draws follow the torch RNG, e.g. the trainer's seed)."""
+    lora: LoraSpec | None = None
+    """LoRA distillation: the student (and the critic) as adapters on the one frozen teacher network
+    (:mod:`distill_mixins.lora`); ``None`` trains full copies."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -216,6 +263,19 @@ class DistillConfig:
         check_positive(name, "sigma_max", self.sigma_max)
         check_positive(name, "conditional_sigma", self.conditional_sigma)
         check_choice(name, "renoise", self.renoise, RENOISE_MODES)
+        if self.lora is not None:
+            if not isinstance(self.lora, LoraSpec):
+                raise TypeError(f"{name}.lora must be a LoraSpec or None, got {self.lora!r}.")
+            if self.student_net is not None:
+                raise ValueError(
+                    f"{name}.student_net must be None with {name}.lora: the LoRA student is an adapter on the "
+                    "teacher's network (set lora=None to train a separate student architecture)."
+                )
+            if self.lora.critic and self.critic_net is not None:
+                raise ValueError(
+                    f"{name}.critic_net must be None with {name}.lora.critic=True (the critic is an adapter on the "
+                    "teacher's network); set LoraSpec(critic=False) to train a separate critic."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-ready values."""

@@ -135,6 +135,11 @@ class DistillationCoreMixin(TrigFlowMixin):
                 "builds itself (the student's EMA is DistillConfig.ema). Turn that part of the host off (e.g. its "
                 "own EMA) before composing it."
             )
+        if config.lora is not None:  # student and critic as adapters on the one frozen base (distill_mixins.lora)
+            from distill_mixins.lora import build_lora_networks
+
+            build_lora_networks(self, config)
+            return
         teacher = self.net
         self.net = _instantiate(config.student_net, teacher, "student_net")
         if self.uses_critic:

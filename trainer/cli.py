@@ -50,11 +50,16 @@ def _extract(args: argparse.Namespace) -> int:
 
     from distill_mixins.checkpointer import extract_student_weights
 
-    from distill_mixins.errors import MissingFileError
+    from distill_mixins.errors import MissingFileError, UsageError
 
     if not Path(args.input).exists():
         raise MissingFileError(f"--input {args.input} does not exist: give a checkpoint, checkpoints or run directory.")
-    print(extract_student_weights(args.input, args.output, ema=args.ema))  # a CheckpointError is one line (cli.main)
+    if args.lora and args.merge:
+        raise UsageError("extract-weights: give --lora (the adapter, for diffusers) or --merge (the merged network).")
+    if args.base is not None and not args.merge:
+        raise UsageError("extract-weights: --base is the base network's weights for --merge; add --merge.")
+    print(extract_student_weights(args.input, args.output, ema=args.ema, lora=args.lora, merge=args.merge,
+                                  base=args.base))  # a CheckpointError is one line (cli.main)
     return 0
 
 
@@ -78,4 +83,11 @@ def register(commands: Any) -> None:
     extract.add_argument("--input", required=True, help="checkpoint directory, checkpoints directory or run directory")
     extract.add_argument("--output", required=True, help="output .safetensors file")
     extract.add_argument("--ema", action="store_true", help="extract the student's EMA instead of the student")
+    extract.add_argument("--lora", action="store_true",
+                         help="a LoRA run's adapter as a diffusers LoRA file (PEFT keys transformer.<module>.lora_A."
+                         "weight, LoraConfig in the metadata: pipe.load_lora_weights / load_lora_adapter)")
+    extract.add_argument("--merge", action="store_true",
+                         help="a LoRA run's student merged into the base weights (--base): the full network's "
+                         "state dict")
+    extract.add_argument("--base", default=None, help="with --merge: the base (teacher) network's safetensors weights")
     extract.set_defaults(func=_extract)

@@ -175,8 +175,9 @@ def check_condition(condition: Any, cls: type, host: str) -> None:
 
 
 def model_dtype(net: nn.Module) -> torch.dtype:
-    """The dtype of ``net``'s parameters (float32 for a parameterless module)."""
-    param = next(net.parameters(), None)
+    """The dtype of ``net``'s parameters (float32 for a parameterless module); a LoRA view's
+    (:mod:`distill_mixins.lora`) is its base network's, not its float32 adapters'."""
+    param = next(getattr(net, "lora_base", net).parameters(), None)
     return param.dtype if param is not None else torch.float32
 
 

@@ -38,6 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from distill_mixins.contract import ContextParallelHost
 from distill_mixins.core import DistillationCoreMixin
+from distill_mixins.lora import checkpoint_lora_base, is_view, lora_base
 from distill_mixins.parallel.activation import checkpoint_networks, network_blocks
 from distill_mixins.parallel.attention import set_attention_backend
 from distill_mixins.parallel.config import ParallelConfig
@@ -45,8 +46,10 @@ from distill_mixins.parallel.groups import ParallelGroups, cp_mesh_shape, parall
 from distill_mixins.parallel.meta import target_device
 from distill_mixins.precision import resolve_precision
 
-NETWORKS = ("net", "net_fake_score", "net_discriminator", "net_ema", "net_teacher")
+NETWORKS = ("net", "net_fake_score", "net_discriminator", "net_logvar", "net_ema", "net_teacher")
 """The networks of a composed model that :func:`parallelize` wraps, each on its own."""
+SMALL_HEADS = ("net_discriminator", "net_logvar")
+"""Tiny heads kept whole on every rank, gradients all-reduced by hooks: GAN heads, sCM's adaptive-weighting head."""
 
 
 @dataclass(frozen=True)
@@ -180,14 +183,19 @@ def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: Devi
     policy, precision = mixed_precision(config, device)
     set_attention_backend(config.attention_backend)  # the process default of the library's attention dispatch
     groups = _context_parallel(model, config, mesh)
-    checkpointed = checkpoint_networks(model, config.activation_checkpointing)  # before sharding
+    lora = lora_base(model)  # DistillConfig.lora: the networks are views of one base (distill_mixins.lora)
+    checkpointed = (checkpoint_networks(model, config.activation_checkpointing) if lora is None
+                    else checkpoint_lora_base(model, config.activation_checkpointing))  # before sharding
     held = {}
     for name in NETWORKS:
         net = model._modules.get(name)
         if net is None:
             continue
+        if lora is not None and is_view(net):
+            held[name] = _hold_lora_view(model, name, lora.base, config, mesh, policy, groups.dp_size)
+            continue
         _contiguous(name, net)
-        if name == "net_discriminator":  # small heads: whole on every rank, gradients all-reduced by hooks
+        if name in SMALL_HEADS:  # small heads: whole on every rank, gradients all-reduced by hooks
             _average_gradients(net)
             held[name] = "replicated"
         elif config.mode == "ddp":  # FSDP2 on a (world x 1) mesh: whole parameters everywhere, gradients all-reduced
@@ -208,11 +216,35 @@ def parallelize(model: DistillationCoreMixin, config: ParallelConfig, mesh: Devi
                         groups.cp_size, groups.source)
 
 
+def _hold_lora_view(
+    model: DistillationCoreMixin, name: str, base: nn.Module, config: ParallelConfig, mesh: DeviceMesh,
+    policy: MixedPrecisionPolicy, dp_size: int,
+) -> str:
+    """A LoRA view: the base is sharded once, through the teacher view (its blocks are the units; each holds its
+    layers' frozen base weights and every adapter, all adapters float32); an adapter view's parameters are then the
+    shards inside those units. Under ``ddp`` the base stays a plain copy and the trained adapters' gradients are
+    all-reduced by hooks."""
+    if config.mode == "ddp":
+        if name in model.trainable_networks():
+            _average_gradients(model._modules[name])
+            return "replicated"
+        return "copy"
+    if name == "net_teacher":
+        _contiguous(name, base)
+        _shard(model, base, mesh, policy, True, dp_size)
+    return "sharded"
+
+
 def _context_parallel(model: DistillationCoreMixin, config: ParallelConfig, mesh: DeviceMesh) -> ParallelGroups:
     """The data- and context-parallel groups; with ``config.cp`` > 1, every network (but the GAN heads, which see
     gathered features) made context-parallel by the host, and the model told its CP group."""
     if config.cp == 1:
         return ParallelGroups(None, mesh.get_rank(), mesh.size(), None, 0, 1, "device_mesh")
+    if lora_base(model) is not None:
+        raise ValueError(
+            f"ParallelConfig.cp={config.cp} with DistillConfig.lora: context parallel is not supported for LoRA "
+            "distillation yet (the student, critic and teacher share one base network); use cp=1."
+        )
     if not isinstance(model, ContextParallelHost):
         raise TypeError(
             f"ParallelConfig.cp={config.cp}: {type(model).__name__}'s host cannot run its networks context-parallel: "
@@ -225,7 +257,7 @@ def _context_parallel(model: DistillationCoreMixin, config: ParallelConfig, mesh
     _check_cp_ranks(groups)
     for name in NETWORKS:
         net = model._modules.get(name)
-        if net is not None and name != "net_discriminator":
+        if net is not None and name not in SMALL_HEADS:
             model.enable_context_parallel(net, groups.cp_group)
     model.set_context_parallel(groups.cp_group)
     return groups
