@@ -45,12 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from loguru import logger
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from distill_mixins.parallel.activation import saved_activation_bytes
 from distill_mixins.parallel.activation_memory import estimate_activations, tiny_video_dit_shape
+from distill_mixins.parallel.memory import LiveBytes
 from distill_mixins.testing.transformer import TinyVideoDiT
 
 MIB = 2**20
@@ -69,31 +67,6 @@ def _build(args: argparse.Namespace) -> tuple[TinyVideoDiT, dict[str, torch.Tens
 
 def _loss(model: TinyVideoDiT, data: dict[str, torch.Tensor]) -> torch.Tensor:
     return (model(data["x"], data["time"], data["labels"]) - data["target"]).square().mean()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live tensor bytes while it is active: every tensor an operator returns is registered by its storage (data
-    pointer, full storage size) and dropped once the storage is freed (a weak reference, checked after every
-    operator); :attr:`peak` is the largest sum seen. Storages that existed before (the weights, the input) are not
-    counted. Inside one operator's kernel it sees nothing (scratch buffers)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-                storage = t.untyped_storage()
-                if storage.data_ptr() and storage.data_ptr() not in self.live:
-                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def _peak_live(model: TinyVideoDiT, data: dict[str, torch.Tensor]) -> int:

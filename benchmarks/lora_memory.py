@@ -30,12 +30,10 @@ from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from distill_mixins import DMD2Config, DMD2Mixin, LoraSpec, OptimizerConfig
 from distill_mixins.hosts import WanVideo2WorldHost
+from distill_mixins.parallel.memory import LiveBytes
 
 MIB = 2**20
 GOALS = {"state": 0.45, "peak": 0.6}
@@ -45,30 +43,6 @@ CHANNELS, TEXT_LEN, TEXT_DIM = 16, 16, 64
 
 class WanDMD2(DMD2Mixin, WanVideo2WorldHost):
     """DMD2 on the diffusers Wan host."""
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live bytes of the tensors created while active (see the module docstring); ``peak`` is the largest sum."""
-
-    def __init__(self, existing: set[int]) -> None:
-        super().__init__()
-        self.existing = existing
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr and ptr not in self.live and ptr not in self.existing:
-                    self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def build(args: argparse.Namespace, lora: bool) -> WanDMD2:

@@ -178,7 +178,7 @@ def test_cp2_errors_on_every_rank(cp2):
     for result in cp2:
         errors = result["errors"]
         assert "heads=3" in errors["heads"] and "CP size 2" in errors["heads"] and "[1, 3]" in errors["heads"]
-        assert "T'=3" in errors["split"] and "3 tokens" in errors["split"] and "CP size 2" in errors["split"]
+        assert "T'=3" in errors["split"] and "S=3 tokens" in errors["split"] and "P=2" in errors["split"]
         assert "clip length" in errors["split"]
 
 

@@ -313,3 +313,16 @@ def test_recipe_table_rows():
 
 def test_docs_hold_the_generated_tables():
     assert docs_tables() in DOCS.read_text(encoding="utf-8")
+
+
+def test_live_bytes_known_answer():
+    """Two 4 MB products alive at once at most (the first freed before the third is made); the weights excluded."""
+    from distill_mixins.parallel.memory import LiveBytes
+
+    w = torch.randn(1000, 1000)
+    with LiveBytes(existing={w.untyped_storage().data_ptr()}) as tracker:
+        a = w @ w
+        b = a * 2
+        del a
+        c = b + 1
+    assert tracker.peak == 8_000_000 and c.shape == w.shape

@@ -49,7 +49,6 @@ swaps the class; the argument positions are resolved at enable time) and the lib
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +60,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from distill_mixins.parallel.ulysses import gather_sequence, group_size, split_sequence, ulysses_attention
+from distill_mixins.parallel.ulysses import gather_sequence, group_size, split_sequence, token_split, ulysses_attention
 from distill_mixins.shared_ref import SharedRef
 
 __all__ = [
@@ -71,7 +70,6 @@ __all__ = [
     "CosmosUlyssesProcessor",
     "Split",
     "WanUlyssesProcessor",
-    "check_token_split",
     "context_parallel_group",
     "enable_context_parallel",
     "plan_for",
@@ -202,7 +200,7 @@ class _CheckTokens(_Hook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[self.position]
         patch = tuple(getattr(module.config, self.patch_attribute))
-        check_token_split(tuple(n // p for n, p in zip(x.shape[2:], patch, strict=True)), group_size(self.cp.value))
+        token_split(tuple(n // p for n, p in zip(x.shape[2:], patch, strict=True)), group_size(self.cp.value))
 
 
 class _SplitInputs(_Hook):
@@ -285,23 +283,6 @@ def plan_for(net: nn.Module) -> ContextParallelPlan:
 
 
 # ------------------------------------------------------------------------------------------------- apply
-
-
-def check_token_split(grid: tuple[int, int, int], p: int) -> str:
-    """``"frames"`` when ``p`` divides T', ``"tokens"`` when it divides S = T'*H'*W', ``"none"`` for ``p == 1``; a
-    ValueError naming T', S, P and the fix otherwise."""
-    frames, tokens = grid[0], math.prod(grid)
-    if p == 1:
-        return "none"
-    if frames % p == 0:
-        return "frames"
-    if tokens % p == 0:
-        return "tokens"
-    raise ValueError(
-        f"context parallel: the token grid (T', H', W') = {tuple(grid)} has T'={frames} frames and S={tokens} "
-        f"tokens, neither divisible by the CP size P={p}; change the clip length or the resolution so that T' or "
-        f"T'*H'*W' is a multiple of {p}, or use a CP size that divides T'={frames} or S={tokens}."
-    )
 
 
 def _modules_at(net: nn.Module, path: str) -> list[nn.Module]:

@@ -24,7 +24,7 @@ from torch import Tensor
 from distill_mixins.causal import chunk_step_indices, step_times
 from distill_mixins.contract import check_causal_host_instance
 from distill_mixins.core import DistillBatch
-from distill_mixins.methods.kd import KD_PATH, KD_PATH_T, KD_TEACHER_X0, KDConfig, KDMixin, _batch_tensor, kd_field
+from distill_mixins.methods.kd import KD_TEACHER_X0, KDConfig, KDMixin, _batch_tensor
 from distill_mixins.trigflow import add_noise
 
 
@@ -79,17 +79,8 @@ class CausalKDMixin(KDMixin):
         (B, T) bool, for a batch of ODE pairs: per chunk a step ``k``, each frame's state ``cat(path, latent)[k]``."""
         ts = self.student_times()
         latent = _batch_tensor(batch, KD_TEACHER_X0)
-        path = _batch_tensor(batch, KD_PATH, hint="CausalKD needs the teacher's ODE states at the student times")
+        path = self.checked_path(batch, ts, latent)
         b, c, frames, h, w = latent.shape
-        if path.shape != (b, len(ts), c, frames, h, w):
-            raise ValueError(
-                f"CausalKD batch '{KD_PATH}' has shape {tuple(path.shape)}; the {len(ts)}-step student needs "
-                f"(B, {len(ts)}, C, T, H, W) = {(b, len(ts), c, frames, h, w)}. Generate the ODE pairs with the "
-                "student's schedule (generate-ode-pairs, or generate_kd_data(..., path_times=model.student_times()))."
-            )
-        path_t = kd_field(batch, KD_PATH_T)
-        if path_t is not None:
-            self._check_path_times(path_t, ts)
         k = chunk_step_indices(self.draws, b, frames, self.chunk_size, len(ts), device=latent.device)  # (B, T)
         states = torch.cat([path, latent[:, None]], dim=1)  # (B, K + 1, C, T, H, W)
         index = k[:, None, None, :, None, None].expand(b, 1, c, frames, h, w)

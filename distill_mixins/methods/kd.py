@@ -113,18 +113,26 @@ class KDMixin(DistillationCoreMixin):
         if self.distill_config.multistep_input == "interpolated":
             t = ts.to(noise.device)[self._draw_steps(noise.shape[0], len(ts), noise.device)]
             return add_noise(_batch_tensor(batch, KD_TEACHER_X0), noise, t, self.sigma_data), t
+        path = self.checked_path(batch, ts, noise)
+        k = self._draw_steps(noise.shape[0], len(ts), noise.device)
+        return path[torch.arange(noise.shape[0], device=path.device), k.to(path.device)], ts.to(noise.device)[k]
+
+    def checked_path(self, batch: Any, ts: Tensor, sample: Tensor) -> Tensor:
+        """The batch's ``kd/path`` (B, K, C, T, H, W) after checking it against the student's K times ``ts`` (its
+        shape against ``sample`` (B, C, T, H, W), and ``kd/path_t`` when present); an error says how to regenerate."""
         path = _batch_tensor(batch, KD_PATH, hint="multi-step KD needs the teacher's ODE states at the student times")
-        if path.ndim != noise.ndim + 1 or path.shape[1] != len(ts) or path.shape[2:] != noise.shape[1:]:
+        expected = (sample.shape[0], len(ts), *sample.shape[1:])
+        if tuple(path.shape) != expected:
             raise ValueError(
                 f"KD batch '{KD_PATH}' has shape {tuple(path.shape)}; the {len(ts)}-step student needs "
-                f"(B, {len(ts)}, {', '.join(map(str, noise.shape[1:]))}). Regenerate the KD data with the "
-                "student's schedule (generate_kd_data(..., path_times=model.student_times()))."
+                f"(B, {', '.join(map(str, expected[1:]))}) with B = {expected[0]}. "
+                "Regenerate the data with the student's schedule (generate-ode-pairs, or "
+                "generate_kd_data(..., path_times=model.student_times()))."
             )
         path_t = kd_field(batch, KD_PATH_T)
         if path_t is not None:
             self._check_path_times(path_t, ts)
-        k = self._draw_steps(noise.shape[0], len(ts), noise.device)
-        return path[torch.arange(noise.shape[0], device=path.device), k.to(path.device)], ts.to(noise.device)[k]
+        return path
 
     def _draw_steps(self, n: int, steps: int, device: torch.device) -> Tensor:
         """One student step index per sample, uniform on 0..steps-1 (the step's draws), (n,) long."""

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 try:
     from torch.distributed.tensor import DTensor
@@ -256,6 +259,34 @@ class MemoryEstimate:
                 f"| {row.name} | {gib(row.params)} | {gib(row.grads)} | {gib(row.optimizer)} | {gib(row.total)} |"
             )
         return "\n".join(lines)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of the tensors created while active (a measurement, next to this module's calculator): every tensor
+    an operator returns is registered by its storage (data pointer, full storage size) and dropped once the storage is
+    freed (a weak reference, checked after every operator); :attr:`peak` is the largest sum seen. Storages whose data
+    pointers are in ``existing`` (e.g. the parameters and optimizer states held before) are not counted. CPU tensors
+    only; inside one operator's kernel it sees nothing (scratch buffers)."""
+
+    def __init__(self, existing: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.existing = set(existing)
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.device.type == "cpu" and not t.is_meta:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self.live and ptr not in self.existing:
+                    self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
 
 
 def gib(n_bytes: int) -> str:

@@ -37,6 +37,7 @@ communication.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "head_to_seq",
     "seq_to_head",
     "split_sequence",
+    "token_split",
     "ulysses_attention",
 ]
 
@@ -270,6 +272,24 @@ def ulysses_attention(
 
 
 # -------------------------------------------------------------------------------------------- host boundary
+
+
+def token_split(grid: tuple[int, int, int], p: int, owner: str = "context parallel") -> str:
+    """How a token grid (T', H', W') (tokens T'-major) splits over a CP group of size ``p``: ``"frames"`` when ``p``
+    divides T', ``"tokens"`` when it divides S = T'*H'*W' (the same contiguous chunks), ``"none"`` for ``p == 1``;
+    a ValueError naming T', S, P and the fix otherwise (``owner`` opens the message)."""
+    frames, tokens = grid[0], math.prod(grid)
+    if p == 1:
+        return "none"
+    if frames % p == 0:
+        return "frames"
+    if tokens % p == 0:
+        return "tokens"
+    raise ValueError(
+        f"{owner}: the token grid (T', H', W') = {tuple(grid)} has T'={frames} frames and S={tokens} tokens, neither "
+        f"divisible by the CP size P={p}; change the clip length or the resolution so that T' or T'*H'*W' is a "
+        f"multiple of {p}, or use a CP size that divides T'={frames} or S={tokens}."
+    )
 
 
 def split_sequence(x: Tensor, dim: int, group: Any = None) -> Tensor:

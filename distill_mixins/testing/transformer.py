@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from distill_mixins.parallel.attention import attention
-from distill_mixins.parallel.ulysses import gather_sequence, group_size, split_sequence, ulysses_attention
+from distill_mixins.parallel.ulysses import (
+    gather_sequence,
+    group_size,
+    split_sequence,
+    token_split,
+    ulysses_attention,
+)
 from distill_mixins.shared_ref import SharedRef
 from distill_mixins.testing.hosts import ToyHost
 
@@ -218,20 +224,7 @@ class TinyVideoDiT(nn.Module):
     def context_split(self, grid: Grid) -> str:
         """How the tokens of ``grid`` (T', H', W') split over the CP group: ``"frames"`` (along T'), ``"tokens"``
         (along the flattened T'*H'*W'), or ``"none"`` when CP is off; a ValueError when neither divides."""
-        p, frames, tokens = self.context_parallel_size, grid[0], math.prod(grid)
-        if p == 1:
-            return "none"
-        if frames % p == 0:
-            return "frames"
-        if tokens % p == 0:
-            return "tokens"
-        sizes = f"{frames}" if tokens == frames else f"{frames} or {tokens}"
-        raise ValueError(
-            f"TinyVideoDiT context parallel: the token grid (T', H', W') = {tuple(grid)} has T'={frames} frames "
-            f"and {tokens} tokens, neither divisible by the CP size {p}; change the clip length (T = T' x "
-            f"{self.patch[0]}) or the resolution so that T' or T'*H'*W' is a multiple of {p}, or use a CP size that "
-            f"divides {sizes}."
-        )
+        return token_split(grid, self.context_parallel_size, f"TinyVideoDiT context parallel (patch {self.patch})")
 
     # --------------------------------------------------------------------------------------------- forward
 
