@@ -91,6 +91,7 @@ def _run_cli(out: Path, stop: bool) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.acceptance  # two demo runs (~90 s): in `make test-acceptance`, which CI runs too
 def test_sigterm_stops_the_whole_demo_and_a_rerun_resumes_to_the_same_figures(tmp_path):
     out = tmp_path / "demo"
     stopped = _run_cli(out, stop=True)
