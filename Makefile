@@ -23,7 +23,7 @@ test: $(STAMP)  ## lint, then the whole test suite (CPU, float32 or bf16 by the 
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15 -m "not acceptance"
 
-test-acceptance: $(STAMP)  ## the known-answer trainings and long end-to-end runs (KD and DMD2 on the exact mixture teacher, the demo's resume; minutes)
+test-acceptance: $(STAMP)  ## the known-answer trainings and long end-to-end runs (KD, DMD2 and sCM on the exact mixture teacher, the demo's resume; minutes)
 	$(PY) -m pytest -q --durations=15 -m acceptance
 
 lint: $(STAMP)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
 
 import pytest
 import torch
@@ -70,3 +75,24 @@ def mixture():
 @pytest.fixture
 def batch(mixture):
     return mixture_batch(mixture, 16, torch.Generator().manual_seed(0))
+
+
+class TrainingPool:
+    """The acceptance trainings' worker processes (one per CPU, one thread each), shared by the test modules of a
+    session: a training submitted twice under the same key runs once (the DMD2 1-step runs serve both the DMD2 and
+    the rCM acceptance)."""
+
+    def __init__(self, executor: ProcessPoolExecutor) -> None:
+        self.executor = executor
+        self.futures: dict[Hashable, Future] = {}
+
+    def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Future:
+        if key not in self.futures:
+            self.futures[key] = self.executor.submit(fn, *args)
+        return self.futures[key]
+
+
+@pytest.fixture(scope="session")
+def training_pool() -> Iterator[TrainingPool]:
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=get_context("spawn")) as executor:
+        yield TrainingPool(executor)

@@ -12,13 +12,10 @@ processes.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from multiprocessing import get_context
 
 import pytest
 import torch
@@ -123,13 +120,17 @@ RUNS = {  # test name: (student schedule, iterations, backward simulation)
 }
 
 
+def submit(pool, name: str) -> list[Future]:
+    """The seeds of one test's training in the session's pool (tests/conftest.py; shared with the rCM acceptance)."""
+    return [pool.submit(("dmd2", *RUNS[name], seed), train_and_evaluate, *RUNS[name], seed) for seed in SEEDS]
+
+
 @pytest.fixture(scope="module")
-def trainings(request) -> Iterator[dict[str, list[Future]]]:
-    """Every seed of every selected test's training, queued at once on as many processes as there are CPUs (the
-    two tests' six trainings take three rounds on two CPUs instead of four)."""
+def trainings(request, training_pool) -> dict[str, list[Future]]:
+    """Every seed of every selected test's training, queued at once on the session's processes (the two tests' six
+    trainings take three rounds on two CPUs instead of four)."""
     selected = [name for name in RUNS if any(item.name == name for item in request.session.items)]
-    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=get_context("spawn")) as pool:
-        yield {name: [pool.submit(train_and_evaluate, *RUNS[name], seed) for seed in SEEDS] for name in selected}
+    return {name: submit(training_pool, name) for name in selected}
 
 
 def report(name: str, runs: list[Figures]) -> None:

@@ -80,23 +80,24 @@ class DMD2Config(DistillConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("DMD2Config", "critic_samples", self.critic_samples, CRITIC_SAMPLES)
-        check_positive("DMD2Config", "guidance_scale", self.guidance_scale)
-        check_positive("DMD2Config", "dmd_weight_min", self.dmd_weight_min)
-        check_positive("DMD2Config", "gan_loss_weight", self.gan_loss_weight, allow_zero=True)
-        check_positive("DMD2Config", "refine_weight", self.refine_weight, allow_zero=True)
-        check_refine("DMD2Config", "refine_time", self.refine_time, "refine_teacher_steps", self.refine_teacher_steps)
+        name = type(self).__name__
+        check_choice(name, "critic_samples", self.critic_samples, CRITIC_SAMPLES)
+        check_positive(name, "guidance_scale", self.guidance_scale)
+        check_positive(name, "dmd_weight_min", self.dmd_weight_min)
+        check_positive(name, "gan_loss_weight", self.gan_loss_weight, allow_zero=True)
+        check_positive(name, "refine_weight", self.refine_weight, allow_zero=True)
+        check_refine(name, "refine_time", self.refine_time, "refine_teacher_steps", self.refine_teacher_steps)
         if not isinstance(self.critic_time, TimeSamplerConfig):
-            raise TypeError(f"DMD2Config.critic_time must be a TimeSamplerConfig, got {self.critic_time!r}.")
+            raise TypeError(f"{name}.critic_time must be a TimeSamplerConfig, got {self.critic_time!r}.")
         if self.gan_loss_weight > 0 and self.discriminator is None:
             raise ValueError(
-                f"DMD2Config.gan_loss_weight={self.gan_loss_weight} needs DMD2Config.discriminator="
+                f"{name}.gan_loss_weight={self.gan_loss_weight} needs {name}.discriminator="
                 "DiscriminatorConfig(...) (the GAN heads and the feature taps); or set gan_loss_weight=0."
             )
         if self.discriminator is not None and not isinstance(self.discriminator, DiscriminatorConfig):
-            raise TypeError(f"DMD2Config.discriminator must be a DiscriminatorConfig, got {self.discriminator!r}.")
+            raise TypeError(f"{name}.discriminator must be a DiscriminatorConfig, got {self.discriminator!r}.")
         if not isinstance(self.discriminator_optimizer, OptimizerConfig):
-            raise TypeError("DMD2Config.discriminator_optimizer must be an OptimizerConfig.")
+            raise TypeError(f"{name}.discriminator_optimizer must be an OptimizerConfig.")
 
     @classmethod
     def cosmos_predict2_5(cls, **overrides: Any) -> DMD2Config:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from loguru import logger
@@ -93,10 +93,13 @@ class SCMConfig(DistillConfig):
     networks embedding ``log sigma``; a network embedding ``1000 tau`` (Wan) turns ~1000 rad per unit t, where a
     1e-3 step is 6% off in float64 and 1e-4 is 0.07% off (tests/test_scm.py)."""
 
+    has_critic: ClassVar[bool] = False
+    """Whether the method has critic phases (rCM); plain sCM trains the student at every iteration."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if self.student_update_freq != 1:
+        if not self.has_critic and self.student_update_freq != 1:
             raise ValueError(f"{name}.student_update_freq={self.student_update_freq}: sCM has no critic; use 1.")
         check_choice(name, "derivative", self.derivative, DERIVATIVES)
         check_choice(name, "normalization", self.normalization, NORMALIZATIONS)
