@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from distill_mixins import EMAConfig, OptimizerConfig, RCMConfig, RCMMixin, SCMConfig, SCMMixin, TimeSamplerConfig
-from distill_mixins.eval import sliced_wasserstein2
 from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, mixture_batch, ring_mixture
 from tests import test_dmd2_acceptance as dmd2
 
@@ -115,34 +114,18 @@ def times_for(steps: int, s: float = INTERMEDIATE) -> tuple[float, ...]:
 @torch.no_grad()
 def evaluate(model: AnalyticSCM, seconds: float, steps: tuple[int, ...] = STEPS, s: float = INTERMEDIATE) -> Figures:
     """Paired samplers: replicate r of every step count starts from the same noise (the step counts differ only by
-    what the later steps do), each compared with the same teacher set A."""
-    mixture, g = model.net_teacher.mixture, torch.Generator().manual_seed(2)
-    labels = torch.randint(0, 2, (SAMPLES,), generator=g)
-
-    def teacher(n: int) -> torch.Tensor:
-        noise = torch.randn(SAMPLES, *SHAPE, generator=g)
-        return model.generate_teacher(labels, noise, uncondition=torch.full_like(labels, -1), guidance=GUIDANCE,
-                                      steps=n)
-
-    def sw2(x: torch.Tensor, r: int) -> float:
-        return sliced_wasserstein2(x, A, generator=torch.Generator().manual_seed(r))
-
-    def masses(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        k, dist = mixture.nearest_mode(x)
-        return torch.bincount(k, minlength=8).double() / x.shape[0], float((dist <= 4).double().mean())
-
-    A = teacher(36)
-    floor = sum(sw2(teacher(36), r) for r in range(REPLICATES)) / REPLICATES
-    mass_a, near_a = masses(A)
-    figures = Figures(floor=floor, intermediate=s, near_teacher=near_a, teacher_1step=sw2(teacher(1), 0),
+    what the later steps do), each compared with the same teacher set A (DMD2's evaluation draws)."""
+    ref = dmd2.Reference(model)
+    mass_a, near_a = ref.masses(ref.A)
+    figures = Figures(floor=ref.floor, intermediate=s, near_teacher=near_a, teacher_1step=ref.sw2(ref.teacher(1), 0),
                       seconds=seconds)
-    noises = [torch.randn(SAMPLES, *SHAPE, generator=g) for _ in range(REPLICATES)]
+    noises = [torch.randn(SAMPLES, *SHAPE, generator=ref.g) for _ in range(REPLICATES)]
     for n in steps:
         schedule = model.consistency_times(n, times_for(n, s))
-        samples = [model.generate(labels, noise, use_ema=True, generator=torch.Generator().manual_seed(10 + r),
+        samples = [model.generate(ref.labels, noise, use_ema=True, generator=torch.Generator().manual_seed(10 + r),
                                   schedule=schedule) for r, noise in enumerate(noises)]
-        mass_s, near_s = masses(samples[0])
-        figures.student[n] = sum(sw2(x, r) for r, x in enumerate(samples)) / REPLICATES
+        mass_s, near_s = ref.masses(samples[0])
+        figures.student[n] = sum(ref.sw2(x, r) for r, x in enumerate(samples)) / REPLICATES
         figures.mode_mass_error[n] = float((mass_s - mass_a).abs().max())
         figures.near[n] = near_s
     return figures

@@ -74,35 +74,41 @@ def train_dmd2(
     return model, time.perf_counter() - start
 
 
-@torch.no_grad()
-def evaluate(model: AnalyticDMD2, seconds: float) -> Figures:
-    mixture = model.net_teacher.mixture
-    g = torch.Generator().manual_seed(2)
-    labels = torch.randint(0, 2, (SAMPLES,), generator=g)
+class Reference:
+    """The evaluation draws (generator seed 2): labels, teacher set A (36 Heun steps with CFG), the floor (mean
+    sliced-W2 of replicate teacher sets to A); further teacher sets and noises come from the same generator ``g``."""
 
-    def teacher(steps: int) -> torch.Tensor:
-        noise = torch.randn(SAMPLES, *SHAPE, generator=g)
-        return model.generate_teacher(labels, noise, uncondition=torch.full_like(labels, -1), guidance=GUIDANCE,
-                                      steps=steps)
+    def __init__(self, model: AnalyticDMD2) -> None:
+        self.model, self.mixture = model, model.net_teacher.mixture
+        self.g = torch.Generator().manual_seed(2)
+        self.labels = torch.randint(0, 2, (SAMPLES,), generator=self.g)
+        self.A = self.teacher(36)
+        self.floor = sum(self.sw2(self.teacher(36), r) for r in range(REPLICATES)) / REPLICATES
 
-    def student() -> torch.Tensor:
-        return model.generate(labels, torch.randn(SAMPLES, *SHAPE, generator=g), use_ema=True, generator=g)
+    def teacher(self, steps: int) -> torch.Tensor:
+        noise = torch.randn(SAMPLES, *SHAPE, generator=self.g)
+        return self.model.generate_teacher(self.labels, noise, uncondition=torch.full_like(self.labels, -1),
+                                           guidance=GUIDANCE, steps=steps)
 
-    def sw2(x: torch.Tensor, r: int) -> float:
-        return sliced_wasserstein2(x, A, generator=torch.Generator().manual_seed(r))
+    def sw2(self, x: torch.Tensor, r: int) -> float:
+        return sliced_wasserstein2(x, self.A, generator=torch.Generator().manual_seed(r))
 
-    def masses(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        k, dist = mixture.nearest_mode(x)
+    def masses(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Each mode's share of x, and the share within 4 std of a mode."""
+        k, dist = self.mixture.nearest_mode(x)
         return torch.bincount(k, minlength=8).double() / x.shape[0], float((dist <= 4).double().mean())
 
-    A = teacher(36)
-    floor = sum(sw2(teacher(36), r) for r in range(REPLICATES)) / REPLICATES
-    samples = [student() for _ in range(REPLICATES)]
-    mass_a, near_a = masses(A)
-    mass_s, near_s = masses(samples[0])
+
+@torch.no_grad()
+def evaluate(model: AnalyticDMD2, seconds: float) -> Figures:
+    ref = Reference(model)
+    samples = [model.generate(ref.labels, torch.randn(SAMPLES, *SHAPE, generator=ref.g), use_ema=True,
+                              generator=ref.g) for _ in range(REPLICATES)]
+    mass_a, near_a = ref.masses(ref.A)
+    mass_s, near_s = ref.masses(samples[0])
     return Figures(
-        floor=floor, student=sum(sw2(x, r) for r, x in enumerate(samples)) / REPLICATES,
-        teacher_1step=sw2(teacher(1), 0), mode_mass_error=float((mass_s - mass_a).abs().max()),
+        floor=ref.floor, student=sum(ref.sw2(x, r) for r, x in enumerate(samples)) / REPLICATES,
+        teacher_1step=ref.sw2(ref.teacher(1), 0), mode_mass_error=float((mass_s - mass_a).abs().max()),
         near_student=near_s, near_teacher=near_a, seconds=seconds,
     )
 
