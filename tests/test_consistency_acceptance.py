@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from distill_mixins import EMAConfig, OptimizerConfig, RCMConfig, RCMMixin, SCMConfig, SCMMixin, TimeSamplerConfig
-from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, mixture_batch, ring_mixture
+from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, ring_mixture
 from tests import test_dmd2_acceptance as dmd2
 
 torch.set_num_threads(1)  # tiny tensors (docs/development.md)
@@ -97,13 +96,7 @@ def train(method: str, iterations: int, seed: int, **overrides) -> tuple[Analyti
         model = AnalyticSCM(**host, distill=SCMConfig(**{**scm_values(seed), **overrides}))
     else:
         model = AnalyticRCM(**host, distill=RCMConfig(**{**rcm_values(seed), **overrides}))
-    g = torch.Generator().manual_seed(1)
-    start = time.perf_counter()
-    for it in range(iterations):
-        _, loss = model.training_step(mixture_batch(mixture, 256, g), it)
-        loss.backward()
-        model.optimizer_step(it)
-    return model, time.perf_counter() - start
+    return model, dmd2.fit(model, iterations)
 
 
 def times_for(steps: int, s: float = INTERMEDIATE) -> tuple[float, ...]:
