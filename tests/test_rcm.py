@@ -140,6 +140,16 @@ def test_the_simulated_student_is_the_consistency_sampler(batch):
     assert torch.allclose(G, x0, rtol=0, atol=1e-12)
 
 
+def test_one_step_is_the_consistency_samplers_first_time(batch):
+    """``student_schedule="one_step"`` trains (DMD) and samples at ``atan(sigma_max / sigma_d)``, the largest sCM
+    training time, not the rectified-flow host's own pi/2."""
+    model = rcm_model()
+    assert model.student_times().tolist() == list(model.consistency_times(1)) == [math.atan(80.0)]
+    labels, noise = batch["label"], torch.randn(16, *SHAPE, dtype=torch.float64)
+    explicit = model.generate(labels, noise, schedule=model.consistency_times(1))
+    assert torch.equal(model.generate(labels, noise), explicit)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -337,6 +337,14 @@ class SCMMixin(DistillationCoreMixin):
         (see :func:`consistency_times`); pass them to ``generate(..., schedule=...)``."""
         return consistency_times(steps, math.atan2(self.distill_config.sigma_max, self.sigma_data), intermediate)
 
+    def student_times(self) -> Tensor:
+        """The student sampler's times (float64, (steps,)): ``student_schedule="one_step"`` is the consistency sampler's
+        single step from the largest training time ``atan(sigma_max / sigma_d)`` (a rectified-flow host's own one step,
+        pi/2, lies outside what sCM trains); a tuple of times (e.g. :meth:`consistency_times`) is used as given."""
+        if self.distill_config.student_schedule == "one_step":
+            return torch.tensor(self.consistency_times(1), dtype=torch.float64)
+        return super().student_times()
+
     def teacher_velocity(self, data: DistillBatch, x_t: Tensor, t: Tensor) -> Tensor:
         """``dx_t/dt = sigma_d F_T`` of the teacher with CFG ``x0_u + w (x0_c - x0_u)`` (no gradient)."""
         w = self.distill_config.guidance_scale  # type: ignore[attr-defined]
