@@ -98,3 +98,20 @@ def test_config_errors_name_the_field(tmp_path):
         from distill_mixins.trainer.stages import check_run_config
 
         check_run_config(load_pipeline(path).run_config())
+
+
+def test_the_examples_pipeline_runs_with_its_factories(tmp_path, monkeypatch):
+    """examples/self_forcing: its pipeline.json and factories run every stage (sizes shrunk to seconds)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "self_forcing"
+    monkeypatch.syspath_prepend(str(example))
+    data = json.loads((example / "pipeline.json").read_text())
+    data["run_dir"] = str(tmp_path / "run")
+    data["ode_pairs"]["data_args"] = {"num_clips": 2, "batch_size": 2}
+    data["ode_pairs"]["kd_data"].update(num_samples=2, steps=4, batch_size=2)
+    for stage in ("causal_kd", "self_forcing"):
+        data[stage]["data_args"]["batch_size"] = 2
+        data[stage]["trainer"].update(iterations=2, batch_size=2, save_every=2, progress=False)
+    path = tmp_path / "pipeline.json"
+    path.write_text(json.dumps(data))
+    assert run_pipeline(load_pipeline(path)) == ["ode-pairs", "causal-kd", "bridge", "self-forcing"]
+    assert (tmp_path / "run" / "self_forcing" / "student.safetensors").is_file()
