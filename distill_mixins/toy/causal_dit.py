@@ -105,7 +105,9 @@ class ToyCausalDiT(nn.Module):
     """Video DiT over 1 x p x p patch tokens (frame-major), per-frame adaLN, absolute-frame 3D RoPE, one KV cache
     per block; the same weights run ``"bidirectional"``, ``"block_causal"`` or ``"cached"`` (module docstring).
 
-    Input channels: the preconditioned state and the frame mask. EDM-style preconditioning in rectified-flow time,
+    Input channels: the preconditioned state and the frame mask. Each frame's adaLN embedding holds its time, the
+    prompt and its absolute index (RoPE alone is relative, so no attention head could otherwise follow a motion
+    ``v t`` back to frame 0: the query must know t). EDM-style preconditioning in rectified-flow time,
     per frame (as :class:`~distill_mixins.toy.unet.ToyUNet`): ``s = sqrt(tau^2 + sd^2 (1 - tau)^2)``,
     ``x0 = sd^2 (1 - tau) x / s^2 + (tau sd / s) F(x / s, tau)``. Output layer zero-initialised (``x0`` starts as
     the skip term). Frame positions are absolute (``start_frame`` + local index); one at or past ``max_frames``
@@ -126,7 +128,8 @@ class ToyCausalDiT(nn.Module):
         self.chunk_size = check_chunk_size(chunk_size, "ToyCausalDiT chunk_size")
         self.axis_dims = rope_axis_dims(dim // heads)
         self.time = FourierTime(64)
-        self.embed = nn.Sequential(nn.Linear(64 + text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.frame_index = FourierTime(32)  # of start_frame + i over max_frames: a frame knows where it is
+        self.embed = nn.Sequential(nn.Linear(64 + text_dim + 32, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.patch_embed = nn.Linear((channels + 1) * patch * patch, dim)
         tokens = (image_size // patch) ** 2
         self.blocks = nn.ModuleList(
@@ -193,8 +196,10 @@ class ToyCausalDiT(nn.Module):
         patches, grid = patchify(torch.cat([x / s, mask_channel], dim=1), (1, self.patch, self.patch))
         tokens = self.patch_embed(patches)  # (B, S, dim), S = T * P
         per_frame = grid[1] * grid[2]
+        index = torch.arange(start_frame, start_frame + frames, device=x.device, dtype=dtype) / self.max_frames
         emb = self.embed(torch.cat([self.time(tau.reshape(-1)).view(b, frames, -1),
-                                    text.to(device=x.device, dtype=dtype)[:, None].expand(b, frames, -1)], dim=-1))
+                                    text.to(device=x.device, dtype=dtype)[:, None].expand(b, frames, -1),
+                                    self.frame_index(index)[None].expand(b, frames, -1)], dim=-1))
         cos, sin = self._rope(start_frame, grid, dtype, x.device)
 
         spans = None

@@ -113,6 +113,18 @@ def conditional_scale(conditional_sigma: float) -> float:
     return float(native_coefficients(t_c, "rectified_flow", 1.0)[0])
 
 
+def frame_times(net: torch.nn.Module, tau: Tensor, mask: Tensor, conditional_sigma: float) -> Tensor:
+    """The network's time input: tau (B,) for the UNet; per frame (B, T) for the transformer, the given frames at the
+    conditional time, as the causal host (``supports_per_frame_time``) runs it."""
+    from distill_mixins.toy.causal_dit import ToyCausalDiT
+
+    if not isinstance(net, ToyCausalDiT):
+        return tau
+    given = mask[:, 0, :, 0, 0] > 0  # (B, T)
+    tau_c = 1.0 - conditional_scale(conditional_sigma)
+    return torch.where(given, torch.full_like(given, tau_c, dtype=tau.dtype), tau[:, None].expand_as(given))
+
+
 def teacher_loss(
     host: ToyVideo2World, clip: Tensor, prompts: list[str], config: TeacherTrainConfig, generator: torch.Generator
 ) -> Tensor:
@@ -127,8 +139,9 @@ def teacher_loss(
     tb = tau[:, None, None, None, None]
     mask = first_frame_mask(b, frames)
     x = mask * conditional_scale(config.conditional_sigma) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
+    time = frame_times(host.net, tau, mask, config.conditional_sigma)
     with autocast(config.precision, "cpu"):
-        x0_hat = host.net(x, tau, mask, text)
+        x0_hat = host.net(x, time, mask, text)
     err = (x0_hat.float() - x0) / tb.clamp(min=config.tau_floor)
     return err.pow(2)[:, :, 1:].mean()
 
@@ -167,7 +180,13 @@ def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = tor
             "DIR/toy_teacher.safetensors, or reinstall distill-mixins (the package ships them)."
         )
     state = load_file(str(path))
-    host = ToyVideo2World(make_network(teacher_arch(path)), ToyTextEncoder())
+    arch = teacher_arch(path)
+    if arch == "dit":  # the transformer takes per-frame times, as it trained: its causal host
+        from distill_mixins.toy.causal_dit import ToyCausalVideo2World
+
+        host: ToyVideo2World = ToyCausalVideo2World(make_network(arch), ToyTextEncoder())
+    else:
+        host = ToyVideo2World(make_network(arch), ToyTextEncoder())
     for prefix, module in (("net.", host.net), ("text_encoder.", host.text_encoder)):
         part = {k[len(prefix) :]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
