@@ -52,7 +52,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from diffusers import CosmosTransformer3DModel, WanTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
@@ -60,6 +59,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from distill_mixins.hosts.wan_attention import wan_self_attention_qkv
 from distill_mixins.parallel.ulysses import gather_sequence, group_size, split_sequence, token_split, ulysses_attention
 from distill_mixins.shared_ref import SharedRef
 
@@ -120,14 +120,6 @@ class _UlyssesProcessor:
         return ulysses_attention(q, k, v, self.cp.value, layout=layout)
 
 
-def _wan_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the pairs (x[..., 2i], x[..., 2i+1]) of x (B, S, H, D) by Wan's cos/sin (1, S, 1, D), whose entries
-    are repeated per pair (the angles of pair i at 2i and 2i+1); computed in the tables' dtype, cast back to x's."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
-
-
 class WanUlyssesProcessor(_UlyssesProcessor):
     """Self-attention of a ``WanAttention`` (``attn1``) with Ulysses attention: what ``WanAttnProcessor`` computes
     for self-attention (projections, RMS norm of q and k across heads, rotary embedding, attention, output)."""
@@ -139,14 +131,7 @@ class WanUlyssesProcessor(_UlyssesProcessor):
         """hidden_states (B, S/P, dim) local tokens, rotary_emb cos/sin (1, S/P, 1, head_dim) -> (B, S/P, dim)."""
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             raise ValueError("WanUlyssesProcessor is for unmasked self-attention (attn1) only.")
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-        if rotary_emb is not None:
-            q, k = _wan_rope(q, *rotary_emb), _wan_rope(k, *rotary_emb)
+        q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         out = self.attend(q, k, v, "bshd").flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 

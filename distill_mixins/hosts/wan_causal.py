@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from distill_mixins.causal import BlockCausalSpans, KVCache, block_causal_attention, check_chunk_size, require_spans
 from distill_mixins.hosts.wan import WanVideo2WorldHost
+from distill_mixins.hosts.wan_attention import wan_self_attention_qkv
 from distill_mixins.parallel.attention import attention
 
 STATE_ATTRIBUTE = "_causal_wan_state"
@@ -184,14 +185,6 @@ class CausalRopeHook:
         return CausalRotary(tuple(output), call)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Wan's rotary embedding of x (B, S, H, D): pairs (x[..., 2i], x[..., 2i+1]) rotated by the angles that cos/sin
-    (1, S, 1, D) repeat at 2i and 2i+1; computed in the tables' dtype, returned in x's."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).type_as(x)
-
-
 class CausalWanAttnProcessor:
     """Self-attention processor of ``blocks[layer].attn1`` of a causal Wan network (see the module docstring).
 
@@ -236,13 +229,7 @@ class CausalWanAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         if encoder_hidden_states is not None or attention_mask is not None or kwargs:
             raise ValueError("CausalWanAttnProcessor is for the self-attention (attn1) of a Wan block only.")
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, S, H, D)
-        q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)  # (B, S, H, D)
         if call.mode == "block_causal":
             out = self._block_causal(call, q, k, v)
         else:
