@@ -17,11 +17,9 @@ from distill_mixins.causal import (
     chunk_of_frame,
     chunk_step_indices,
     frame_chunks,
-    require_mask,
     require_spans,
     step_times,
 )
-from distill_mixins.causal import mask as mask_module
 from distill_mixins.draws import DrawContext, Draws
 from distill_mixins.trigflow import student_schedule
 
@@ -57,19 +55,6 @@ def test_block_causal_mask_known_answer():
     for i in range(14):
         for j in range(14):
             assert bool(mask[i, j]) == (chunk[j // 2] <= chunk[i // 2]), (i, j)
-    assert torch.equal(require_mask(7, 3, 2, "cpu"), mask)
-
-
-def test_the_mask_cannot_silently_disappear(monkeypatch):
-    def broken(*args, **kwargs):
-        raise ImportError("no mask machinery")
-
-    monkeypatch.setattr(mask_module, "block_causal_mask", broken)
-    with pytest.raises(RuntimeError, match="does not fall back to full attention"):
-        require_mask(7, 3, 2, "cpu")
-    monkeypatch.setattr(mask_module, "block_causal_mask", lambda *args, **kwargs: None)
-    with pytest.raises(RuntimeError, match=r"not a \(14, 14\) bool tensor"):
-        require_mask(7, 3, 2, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- KV cache
@@ -200,8 +185,14 @@ def test_chunk_wise_attention_equals_the_masked_attention(layout):
 def test_the_layout_cannot_silently_disappear(monkeypatch):
     import distill_mixins.causal.attention as layout_module
 
+    def broken(*args, **kwargs):
+        raise ImportError("no layout machinery")
+
+    monkeypatch.setattr(layout_module, "block_causal_spans", broken)
+    with pytest.raises(RuntimeError, match="could not be built.*does not fall back to full attention"):
+        require_spans(7, 3, 2)
     monkeypatch.setattr(layout_module, "block_causal_spans", lambda *a, **k: None)
-    with pytest.raises(RuntimeError, match="does not fall back to full attention"):
+    with pytest.raises(RuntimeError, match="not chunks covering 14 tokens; a causal forward does not fall back"):
         require_spans(7, 3, 2)
     with pytest.raises(ValueError, match="layout 14"):
         block_causal_attention(*(torch.zeros(1, 1, 12, 2) for _ in range(3)), block_causal_spans(7, 3, 2))

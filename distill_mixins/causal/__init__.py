@@ -12,7 +12,7 @@ from distill_mixins.causal.attention import (
 )
 from distill_mixins.causal.chunks import check_chunk_size, chunk_bounds, chunk_of_frame, frame_chunks
 from distill_mixins.causal.kv_cache import KVCache
-from distill_mixins.causal.mask import block_causal_mask, require_mask
+from distill_mixins.causal.mask import block_causal_mask
 from distill_mixins.causal.streaming import (
     StreamedChunk,
     causal_denoiser,
@@ -36,7 +36,6 @@ __all__ = [
     "chunk_step_indices",
     "frame_chunks",
     "generate_causal",
-    "require_mask",
     "require_spans",
     "step_times",
     "stream_causal",

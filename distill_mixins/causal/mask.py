@@ -2,8 +2,9 @@
 
 One implementation for every host. The mask is a boolean (S, S) tensor over the tokens (frame-major: the
 ``tokens_per_frame`` tokens of frame 0, then frame 1, ...), ``True`` where attention is allowed, the form PyTorch's
-SDPA takes as ``attn_mask``. :func:`require_mask` is what a full-sequence causal forward calls: it raises when no
-mask can be built, so a causal forward never falls back to full attention.
+SDPA takes as ``attn_mask``. The hosts attend chunk by chunk instead (:mod:`distill_mixins.causal.attention`, whose
+:func:`~distill_mixins.causal.require_spans` raises rather than fall back to full attention); the mask is the
+reference their tests compare with, and serves a host that wants one SDPA call.
 """
 
 from __future__ import annotations
@@ -24,23 +25,4 @@ def block_causal_mask(
     return chunk[None, :] <= chunk[:, None]
 
 
-def require_mask(frames: int, chunk_size: int, tokens_per_frame: int, device: torch.device | str | None) -> Tensor:
-    """:func:`block_causal_mask`, or a RuntimeError when it cannot be built: never full attention instead."""
-    try:
-        mask = block_causal_mask(frames, chunk_size, tokens_per_frame, device)
-    except Exception as error:  # noqa: BLE001 - re-raised with what it means for the caller
-        raise RuntimeError(
-            f"the block-causal mask for {frames} frames in chunks of {chunk_size} could not be built ({error}); a "
-            "causal forward does not fall back to full attention."
-        ) from error
-    size = frames * tokens_per_frame
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (size, size):
-        raise RuntimeError(
-            f"the block-causal mask for {frames} frames is {type(mask).__name__} "
-            f"{tuple(getattr(mask, 'shape', ()))}, not a ({size}, {size}) bool tensor; a causal forward does not "
-            "fall back to full attention."
-        )
-    return mask
-
-
-__all__ = ["block_causal_mask", "require_mask"]
+__all__ = ["block_causal_mask"]
