@@ -162,11 +162,12 @@ def report(method: str, runs: list[Figures], dmd2_runs: list[dmd2.Figures] | Non
 
 @pytest.fixture(scope="module")
 def trainings(request, training_pool) -> dict[str, list[Future]]:
-    """The selected methods' seeds and DMD2's 1-step seeds (shared with tests/test_dmd2_acceptance.py), queued at
-    once on the session's processes."""
+    """The selected methods' seeds (and DMD2's 1-step seeds for rCM, shared with tests/test_dmd2_acceptance.py),
+    queued at once on the session's processes with every selected DMD2 acceptance training."""
     names = {item.name for item in request.session.items}
     methods = [m for m in ("scm", "rcm") if any(name.startswith(f"test_{m}_") for name in names)]
     runs = {m: [training_pool.submit((m, seed), train_and_evaluate, m, seed) for seed in SEEDS] for m in methods}
+    dmd2.submit_selected(training_pool, request.session.items)  # DMD2's runs fill the rounds this module leaves
     if "rcm" in methods:
         runs["dmd2"] = dmd2.submit(training_pool, DMD2_ONE_STEP)
     return runs

@@ -136,12 +136,16 @@ def submit(pool, name: str) -> list[Future]:
     return [pool.submit(("dmd2", *RUNS[name], seed), train_and_evaluate, *RUNS[name], seed) for seed in SEEDS]
 
 
+def submit_selected(pool, items) -> dict[str, list[Future]]:
+    """Every seed of every selected test's training (``items``: the session's), queued at once on the session's
+    processes (the two tests' six trainings take three rounds on two CPUs instead of four). Other acceptance modules
+    call it first, so their trainings and these share rounds."""
+    return {name: submit(pool, name) for name in RUNS if any(item.name == name for item in items)}
+
+
 @pytest.fixture(scope="module")
 def trainings(request, training_pool) -> dict[str, list[Future]]:
-    """Every seed of every selected test's training, queued at once on the session's processes (the two tests' six
-    trainings take three rounds on two CPUs instead of four)."""
-    selected = [name for name in RUNS if any(item.name == name for item in request.session.items)]
-    return {name: submit(training_pool, name) for name in selected}
+    return submit_selected(training_pool, request.session.items)
 
 
 def report(name: str, runs: list[Figures]) -> None:
