@@ -12,6 +12,7 @@ import torch
 from distill_mixins.eval import (
     VideoFeatureNet,
     diversity,
+    diversity_stats,
     evaluate_clips,
     fd_floor,
     frechet_distance,
@@ -415,6 +416,27 @@ def test_diversity_known_answers(motion_set):
     # motion diversity does not
     assert figures["noisy copies (std 0.1)"] == pytest.approx(0.1 * math.sqrt(1 - 1 / math.pi), rel=0.05)
     assert motion["noisy copies (std 0.1)"] < 0.2
+
+
+def test_diversity_stats_known_answers(motion_set):
+    """Speed split: 1 for speed 2 vs speed 3, 0 for the same speed, ~0.5 for independent random speeds (binomial
+    over 256 conditions: within 4 standard deviations); the standard error is the per-condition spread / sqrt(N)."""
+    clips = motion_set
+    slow, fast = with_speed(clips.specs, SPEEDS[0]), with_speed(clips.specs, SPEEDS[1])
+    g = torch.Generator().manual_seed(5)
+    random_speed = [dataclasses.replace(s, speed=SPEEDS[int(i)]) for s, i in
+                    zip(clips.specs, torch.randint(2, (N_MOTION,), generator=g), strict=True)]
+    same, split = diversity_stats(slow, slow, clips.prompts), diversity_stats(slow, fast, clips.prompts)
+    assert (same.mean, same.stderr, same.speed_split, same.conditions) == (0.0, 0.0, 0.0, N_MOTION)
+    assert split.speed_split == 1.0 and split.speed_conditions == N_MOTION
+    assert split.mean == pytest.approx(diversity(slow, fast), rel=1e-12)
+    real = diversity_stats(clips.video, render_specs(random_speed), clips.prompts)
+    assert abs(real.speed_split - 0.5) <= 4 * math.sqrt(0.25 / real.speed_conditions)
+    per_condition = (slow[:, :, 1:] - fast[:, :, 1:]).pow(2).flatten(1).mean(1).double().sqrt()
+    assert split.stderr == pytest.approx(float(per_condition.std() / math.sqrt(N_MOTION)), rel=1e-9)
+    smeared_stats = diversity_stats(smeared(clips.specs), smeared(clips.specs), clips.prompts)
+    assert math.isnan(smeared_stats.speed_split) and smeared_stats.speed_conditions == 0  # nothing follows the prompt
+    print(f"\ndiversity_stats, real vs real with random speeds: {real}")
 
 
 def test_evaluate_clips():

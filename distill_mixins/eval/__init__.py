@@ -12,8 +12,10 @@ from distill_mixins.eval.fd import (
 from distill_mixins.eval.metrics import sliced_wasserstein2
 from distill_mixins.eval.motion import (
     Adherence,
+    DiversityStats,
     Tracks,
     diversity,
+    diversity_stats,
     motion_diversity,
     prompt_adherence,
     prompt_adherence_per_clip,
@@ -28,6 +30,7 @@ __all__ = ["sliced_wasserstein2"]
 __all__ += ["VisualPaths", "clip_animation", "sample_grid", "write_gif", "write_training_visual"]
 __all__ += ["VideoFeatureNet", "default_feature_net", "fd_floor", "frechet_distance", "frechet_distance_gaussian",
             "frechet_video_distance", "video_features"]
-__all__ += ["Adherence", "Tracks", "diversity", "motion_diversity", "prompt_adherence", "prompt_adherence_per_clip",
+__all__ += ["Adherence", "DiversityStats", "Tracks", "diversity", "diversity_stats", "motion_diversity",
+            "prompt_adherence", "prompt_adherence_per_clip",
             "temporal_consistency", "temporal_consistency_per_clip", "track"]
 __all__ += ["VideoMetrics", "evaluate_clips"]

@@ -186,6 +186,38 @@ def diversity(clips_a: Tensor, clips_b: Tensor) -> float:
     return float(diff.pow(2).flatten(1).mean(dim=1).double().sqrt().mean())
 
 
+@dataclass
+class DiversityStats:
+    """Diversity of two samples per condition, with its uncertainty: ``mean`` and ``stderr`` (standard error over
+    the ``conditions``) of the per-condition RMS pixel difference (:func:`diversity`); ``speed_split``: the share of
+    the ``speed_conditions`` conditions where both samples follow the prompt (:func:`prompt_adherence_per_clip`)
+    whose two samples move at different speeds (the speed is not in the prompt: a generator that keeps the data's
+    spread splits about half of them, a collapsed one none; NaN when no condition qualifies)."""
+
+    mean: float
+    stderr: float
+    conditions: int
+    speed_split: float
+    speed_conditions: int
+
+
+def diversity_stats(clips_a: Tensor, clips_b: Tensor, prompts: Sequence[str]) -> DiversityStats:
+    """:class:`DiversityStats` of two sample sets (N, 3, T, H, W) of the same N conditions (clip i of both from
+    condition i, with ``prompts[i]``) drawn with different noise."""
+    a, b = _check_pair(clips_a, clips_b)
+    diff = a[:, :, 1:].clamp(-1.0, 1.0) - b[:, :, 1:].clamp(-1.0, 1.0)
+    per_condition = diff.pow(2).flatten(1).mean(dim=1).double().sqrt()
+    n = per_condition.numel()
+    stderr = float(per_condition.std(unbiased=True) / n**0.5) if n > 1 else float("nan")
+    first, second = prompt_adherence_per_clip(a, prompts), prompt_adherence_per_clip(b, prompts)
+    both = first.ok & second.ok
+    split = (first.speed != second.speed)[both]
+    return DiversityStats(
+        mean=float(per_condition.mean()), stderr=stderr, conditions=n,
+        speed_split=float(split.double().mean()) if split.numel() else float("nan"), speed_conditions=int(both.sum()),
+    )
+
+
 def motion_diversity(clips_a: Tensor, clips_b: Tensor, prompts: Sequence[str]) -> float:
     """Mean over clips of the RMS distance (px) over frames t >= 1 between the tracked centres of two sample sets
     (N, 3, T, H, W) from the same conditions (``prompts``, N strings); insensitive to pixel noise. Clips where a
