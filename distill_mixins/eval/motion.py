@@ -174,6 +174,12 @@ def _check_pair(clips_a: Tensor, clips_b: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def _per_condition_rms(a: Tensor, b: Tensor) -> Tensor:
+    """(N,) float64 RMS pixel difference over frames t >= 1 of checked pairs (N, 3, T, H, W), clamped to [-1, 1]."""
+    diff = a[:, :, 1:].clamp(-1.0, 1.0) - b[:, :, 1:].clamp(-1.0, 1.0)
+    return diff.pow(2).flatten(1).mean(dim=1).double().sqrt()
+
+
 def diversity(clips_a: Tensor, clips_b: Tensor) -> float:
     """Mean over clips of the RMS pixel difference over frames t >= 1 between two sample sets (N, 3, T, H, W)
     generated from the same conditions (clip i of both from condition i) with different noise.
@@ -181,9 +187,7 @@ def diversity(clips_a: Tensor, clips_b: Tensor) -> float:
     ``mean_i sqrt(mean_{c, t>=1, y, x} (a_i - b_i)^2)`` on values clamped to [-1, 1]; 0 for a deterministic
     generator. Noise raises it too: read it next to FD and temporal consistency.
     """
-    a, b = _check_pair(clips_a, clips_b)
-    diff = a[:, :, 1:].clamp(-1.0, 1.0) - b[:, :, 1:].clamp(-1.0, 1.0)
-    return float(diff.pow(2).flatten(1).mean(dim=1).double().sqrt().mean())
+    return float(_per_condition_rms(*_check_pair(clips_a, clips_b)).mean())
 
 
 @dataclass
@@ -205,8 +209,7 @@ def diversity_stats(clips_a: Tensor, clips_b: Tensor, prompts: Sequence[str]) ->
     """:class:`DiversityStats` of two sample sets (N, 3, T, H, W) of the same N conditions (clip i of both from
     condition i, with ``prompts[i]``) drawn with different noise."""
     a, b = _check_pair(clips_a, clips_b)
-    diff = a[:, :, 1:].clamp(-1.0, 1.0) - b[:, :, 1:].clamp(-1.0, 1.0)
-    per_condition = diff.pow(2).flatten(1).mean(dim=1).double().sqrt()
+    per_condition = _per_condition_rms(a, b)
     n = per_condition.numel()
     stderr = float(per_condition.std(unbiased=True) / n**0.5) if n > 1 else float("nan")
     first, second = prompt_adherence_per_clip(a, prompts), prompt_adherence_per_clip(b, prompts)
