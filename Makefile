@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-acceptance lint check-install clean
+.PHONY: demo demo-predict demo-quick test test-acceptance lint check-install clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)  ## the main job: distill a 36-step CFG teacher into a 1-step student, print figures
 	$(VENV)/bin/distill-mixins demo
 
-demo-quick: $(STAMP)  ## a short demo run (CI smoke test)
+demo-predict: $(STAMP)  ## the Cosmos-Predict2.5 recipe: a 4-step DMD2 student, no KD stage
+	$(VENV)/bin/distill-mixins demo --recipe predict2.5
+
+demo-quick: $(STAMP)  ## a short run of each demo recipe (CI smoke test)
 	$(VENV)/bin/distill-mixins demo --quick --out runs/demo-quick
+	$(VENV)/bin/distill-mixins demo --quick --recipe predict2.5 --out runs/demo-predict2.5-quick
 
 test: $(STAMP)  ## lint, then the whole test suite (CPU, float32 or bf16 by the precision policy; under 10 minutes)
 	$(VENV)/bin/ruff check .

@@ -46,7 +46,8 @@ def _demo_analytic(args: argparse.Namespace) -> int:
 
 
 DEMO_FLAGS = (
-    "pairs", "eval_clips", "kd_iterations", "dmd2_iterations", "dmd2_refine_weight", "refine_iterations", "guidance",
+    "pairs", "eval_clips", "diversity_clips", "kd_iterations", "dmd2_iterations", "dmd2_refine_weight",
+    "refine_iterations", "guidance",
     "seed", "teacher_weights", "spot_check", "batch_size", "sample_batch",
 )
 
@@ -60,11 +61,10 @@ def demo_config(args: argparse.Namespace) -> Any:
         values["out"] = args.out
     if args.precision is not None:
         values["precision"] = args.precision
-    if args.fresh_teacher:
-        values["fresh_teacher"] = True
-    if args.kd_symmetries:
-        values["kd_symmetries"] = True
-    return DemoConfig.quick(**values) if args.quick else DemoConfig(**values)
+    for switch in ("fresh_teacher", "kd_symmetries", "steps_curve"):
+        if getattr(args, switch):
+            values[switch] = True
+    return DemoConfig.for_recipe(args.recipe, quick=args.quick, **values)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -89,10 +89,17 @@ def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="the main job: distill the toy Video2World teacher (36 steps x CFG) into a 1-step student"
     )
-    demo.add_argument("--out", default=None, help="run directory (default runs/demo, quick: runs/demo-quick)")
+    demo.add_argument("--out", default=None, help="run directory (default runs/demo[-predict2.5][-quick])")
     demo.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute)")
+    demo.add_argument(
+        "--recipe", choices=("transfer1", "predict2.5"), default="transfer1",
+        help="transfer1: 1-step student by KD, refined KD, then DMD2 (default); predict2.5: 4-step DMD2 from the "
+        "teacher's weights (sampled at 4, 2 and 1 steps)",
+    )
     demo.add_argument("--pairs", type=int, default=None, help="KD teacher pairs (default 256)")
     demo.add_argument("--eval-clips", dest="eval_clips", type=int, default=None, help="held-out clips (default 1024)")
+    demo.add_argument("--diversity-clips", dest="diversity_clips", type=int, default=None,
+                      help="held-out conditions sampled a second time for diversity (default 256, quick 32)")
     demo.add_argument(
         "--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations (default 300)"
     )
@@ -127,6 +134,10 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument(
         "--spot-check", dest="spot_check", type=int, default=None,
         help="held-out clips the teacher re-samples to check the shipped samples and time itself (default 32)",
+    )
+    demo.add_argument(
+        "--steps-curve", dest="steps_curve", action="store_true",
+        help="add the quality-vs-steps curve to the report (the teacher at 1, 2, 4, 8, 36 steps beside the student)",
     )
     demo.add_argument(
         "--kd-symmetries", dest="kd_symmetries", action="store_true",

@@ -17,12 +17,12 @@ import pytest
 from distill_mixins.toy.demo import DemoConfig, run_demo
 
 TINY = {"pairs": 32, "eval_clips": 32, "diversity_clips": 32, "spot_check": 8, "kd_iterations": 6,
-        "dmd2_iterations": 2, "refine_iterations": 2, "batch_size": 8, "sample_batch": 16}
+        "dmd2_iterations": 2, "refine_iterations": 2, "batch_size": 8, "sample_batch": 16, "steps_curve": True}
 """A tiny demo: 32 pairs, a few iterations per stage, 32 held-out clips (the first 32 of the shipped samples)."""
 TINY_FLAGS = ["demo", "--quick", "--pairs", "32", "--eval-clips", "32", "--spot-check", "8", "--kd-iterations", "6",
               "--dmd2-iterations", "2", "--refine-iterations", "2", "--batch-size", "8", "--sample-batch", "16"]
 """The same run as command-line flags (``--quick`` sets diversity_clips 32, as TINY does)."""
-QUALITY = ("fd", "prompt_adherence", "temporal_consistency", "diversity")
+QUALITY = ("fd", "prompt_adherence", "temporal_consistency", "diversity", "diversity_stderr")
 """Figures that must not depend on interruptions (latencies do)."""
 
 
@@ -43,6 +43,8 @@ def test_demo_end_to_end_tiny(tiny_run):
         entry = metrics[key]
         for field in ("fd", "prompt_adherence", "temporal_consistency", "nfe", "latency_s_per_clip"):
             assert math.isfinite(entry[field]), (key, field)
+        assert entry["diversity"] > 0 and 0 < entry["diversity_stderr"] < entry["diversity"], key
+        assert math.isnan(entry["speed_split"]) or 0 <= entry["speed_split"] <= 1, key  # NaN: no pair both adheres
     assert metrics["teacher_36step_cfg"]["nfe"] == 72 and metrics["student_1step"]["nfe"] == 1
     for key in ("fd_floor", "gap_closed", "speedup_wall", "elapsed_s"):
         assert math.isfinite(metrics[key]), key
@@ -54,7 +56,9 @@ def test_demo_end_to_end_tiny(tiny_run):
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"
     report = (out / "report.md").read_text()
-    assert "| gap_closed >= 0.85 |" in report and "Precision: " in report and "spot-checked" in report
+    assert "| gap_closed >= 0.95 |" in report and "Precision: " in report and "spot-checked" in report
+    assert "speed split" in report
+    assert "## Quality vs steps" in report and (out / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = run_demo(tiny_config(out))  # resumable: every stage is found done and skipped, the figures are the same
     for figure in QUALITY:
         assert getattr(again.samplers["student_1step"], figure) == getattr(result.samplers["student_1step"], figure)
@@ -127,3 +131,54 @@ def test_precision_flags_reach_the_demo_config():
         DemoConfig(precision="fp16")
     with pytest.raises(ValueError, match="DemoConfig.spot_check=0"):
         DemoConfig(spot_check=0)
+
+
+def test_steps_curve_reuses_the_main_rows_and_adds_the_teacher_steps(tiny_run):
+    _, result = tiny_run
+    teacher = {p.steps: p for p in result.curve if p.sampler == "teacher"}
+    student = {p.steps: p for p in result.curve if p.sampler == "student"}
+    assert sorted(teacher) == [1, 2, 4, 8, 36] and sorted(student) == [1]
+    assert all(p.nfe == 2 * steps for steps, p in teacher.items()) and student[1].nfe == 1
+    # TINY evaluates as many conditions as it samples twice: the reused points are the main table's figures
+    reused = ((teacher[1], "teacher_1step"), (teacher[36], "teacher_36step_cfg"), (student[1], "student_1step"))
+    for point, key in reused:
+        main = result.samplers[key]
+        assert (point.fd, point.prompt_adherence, point.diversity) == (main.fd, main.prompt_adherence, main.diversity)
+    for p in result.curve:
+        assert math.isfinite(p.fd) and 0 <= p.prompt_adherence <= 1 and 0 < p.diversity_stderr < p.diversity
+    assert teacher[8].fd < teacher[1].fd  # more steps: closer to the teacher's distribution than one step
+
+
+def test_predict2_5_recipe_trains_a_4_step_dmd2_student_without_kd(tmp_path):
+    tiny = {key: value for key, value in TINY.items() if key not in ("kd_iterations", "refine_iterations")}
+    tiny["steps_curve"] = False
+    config = DemoConfig.for_recipe("predict2.5", quick=True, out=str(tmp_path / "p25"), **tiny)
+    assert (config.kd_iterations, config.refine_iterations, config.dmd2_refine_weight) == (0, 0, 0.0)
+    result = run_demo(config)
+    assert {k: m.nfe for k, m in result.samplers.items() if k.startswith("student")} == {
+        "student_4step": 4, "student_2step": 2, "student_1step": 1}
+    for m in result.samplers.values():
+        assert all(math.isfinite(getattr(m, figure)) for figure in QUALITY)
+    assert not (tmp_path / "p25" / "kd").exists() and not (tmp_path / "p25" / "kd_data").exists()
+    assert result.gap_closed == pytest.approx(  # measured against the 4-step student, the one the recipe trains
+        (result.samplers["teacher_1step"].fd - result.samplers["student_4step"].fd)
+        / (result.samplers["teacher_1step"].fd - result.samplers["teacher_36step_cfg"].fd))
+    report = (tmp_path / "p25" / "report.md").read_text()
+    assert "demo (predict2.5)" in report and "wall-clock speedup >= 15x" in report and "| gap_closed" not in report
+
+
+def test_recipe_flags_and_errors():
+    from distill_mixins.cli import build_parser, demo_config
+
+    def parsed(*flags: str) -> DemoConfig:
+        return demo_config(build_parser().parse_args(["demo", *flags]))
+
+    p25 = parsed("--recipe", "predict2.5")
+    assert p25.recipe == "predict2.5" and p25.out == "runs/demo-predict2.5" and p25.kd_iterations == 0
+    assert parsed("--recipe", "predict2.5", "--quick").out == "runs/demo-predict2.5-quick"
+    assert parsed().recipe == "transfer1" and parsed("--steps-curve").steps_curve
+    assert parsed("--diversity-clips", "64").diversity_clips == 64
+    with pytest.raises(ValueError, match="DemoConfig.recipe='predict2.5' is DMD2 alone"):
+        DemoConfig(recipe="predict2.5")  # the transfer1 defaults train KD first: for_recipe sets them
+    with pytest.raises(ValueError, match="recipe 'predict2' is not known"):
+        DemoConfig.for_recipe("predict2")

@@ -83,7 +83,7 @@ def register(commands: Any) -> None:
                          "distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz)")
     samples.add_argument("--teacher-weights", dest="teacher_weights", default=None, help="default: the shipped teacher")
     samples.add_argument("--clips", type=int, default=1024, help="held-out conditions (default %(default)s)")
-    samples.add_argument("--again", type=int, default=32,
+    samples.add_argument("--again", type=int, default=256,
                          help="conditions sampled a second time for diversity (default %(default)s)")
     samples.add_argument("--steps", type=int, default=36, help="DDIM steps (default %(default)s)")
     samples.add_argument("--guidance", type=float, default=3.0, help="CFG scale w (default %(default)s)")

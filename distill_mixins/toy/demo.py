@@ -37,6 +37,7 @@ from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
 from distill_mixins.precision import PrecisionReport, autocast, check_precision, frozen_weights_for
 from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.curve import CurvePoint, steps_curve
 from distill_mixins.toy.evalset import (
     AGAIN_SEED,
     NOISE_SEED,
@@ -88,15 +89,23 @@ class DemoConfig:
     """Sizes and settings of the demo (defaults: the full run, under 10 minutes on 2 CPU cores in float32)."""
 
     out: str = "runs/demo"
+    recipe: str = "transfer1"
+    """:data:`RECIPES`: ``transfer1`` (Cosmos-Transfer1: a 1-step student by KD, refined KD, then DMD2) or
+    ``predict2.5`` (Cosmos-Predict2.5: a 4-step DMD2 student from the teacher's weights, no KD stage; build it
+    with :meth:`for_recipe`, which sets its defaults)."""
     pairs: int = 256
     """KD teacher pairs (36-step CFG samples)."""
     eval_clips: int = 1024
     """Held-out conditions evaluated per sampler (and as many reference clips)."""
-    diversity_clips: int = 32
-    """Conditions sampled twice for the diversity figure."""
+    diversity_clips: int = 256
+    """Held-out conditions sampled a second time (other noise) for the diversity figures
+    (:func:`~distill_mixins.eval.motion.diversity_stats`)."""
     spot_check: int = 32
     """Held-out conditions the teacher re-samples in every run to check the shipped teacher samples and time the
     teacher (:mod:`distill_mixins.toy.evalset`)."""
+    steps_curve: bool = False
+    """Add the quality-vs-steps curve (:mod:`distill_mixins.toy.curve`) to the report: the teacher at 1, 2, 4, 8 and
+    ``teacher_steps`` steps beside the student, on the ``diversity_clips`` conditions."""
     fresh_teacher: bool = False
     """Sample the 36-step teacher on every held-out condition instead of reading the shipped samples (slow)."""
     teacher_steps: int = 36
@@ -147,6 +156,13 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.refine_tau={self.refine_tau} must be a rectified-flow time in (0, 1).")
         if self.diversity_clips > self.eval_clips:
             raise ValueError(f"DemoConfig.diversity_clips={self.diversity_clips} exceeds eval_clips={self.eval_clips}.")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"DemoConfig.recipe={self.recipe!r} is not known: choose one of {', '.join(RECIPES)}.")
+        if self.recipe == "predict2.5" and (self.kd_iterations or self.refine_iterations or self.dmd2_refine_weight
+                                            or not self.dmd2_iterations):
+            raise ValueError("DemoConfig.recipe='predict2.5' is DMD2 alone (no KD, refined-KD or refine-term stage, "
+                             "dmd2_iterations >= 1): build it with DemoConfig.for_recipe('predict2.5'), which sets "
+                             "kd_iterations, refine_iterations and dmd2_refine_weight to 0.")
         check_precision(self.precision, "DemoConfig.precision")
         if self.teacher_weights is not None and not Path(self.teacher_weights).is_file():
             raise ValueError(f"DemoConfig.teacher_weights={self.teacher_weights!r} is not a file: give the path of a "
@@ -161,6 +177,28 @@ class DemoConfig:
             "dmd2_iterations": 12, "refine_iterations": 10, "spot_check": 16,
         }
         return cls(**{**values, **overrides})
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "transfer1", *, quick: bool = False, **overrides: Any) -> DemoConfig:
+        """The defaults of ``recipe`` (:data:`RECIPES`), CI-sized with ``quick``, then ``overrides``."""
+        if recipe not in RECIPES:
+            raise ValueError(f"demo recipe {recipe!r} is not known: choose one of {', '.join(RECIPES)}.")
+        values = {**RECIPES[recipe][1 if quick else 0], "recipe": recipe, **overrides}
+        return cls.quick(**values) if quick else cls(**values)
+
+
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "transfer1": ({}, {}),
+    "predict2.5": (
+        {"out": "runs/demo-predict2.5", "kd_iterations": 0, "refine_iterations": 0, "dmd2_refine_weight": 0.0,
+         "dmd2_iterations": 240},
+        {"out": "runs/demo-predict2.5-quick", "kd_iterations": 0, "refine_iterations": 0, "dmd2_refine_weight": 0.0,
+         "dmd2_iterations": 12},
+    ),
+}
+"""Recipe -> (its full-run values, its ``--quick`` values) over :class:`DemoConfig`'s defaults."""
+STUDENT_STEPS = {"transfer1": (1,), "predict2.5": (4, 2, 1)}
+"""The step counts each recipe's student is evaluated at; the first is the one it is trained for."""
 
 
 class DemoStopped(Exception):
@@ -231,14 +269,18 @@ def run_kd(config: DemoConfig, model: ToyKD, data_dir: Path) -> None:
 
 
 def dmd2_config(config: DemoConfig) -> DMD2Config:
-    """One-step DMD2 with the demo's CFG scale, a shifted critic time (Cosmos shift 5), no GAN, and the refine term."""
-    return DMD2Config(
-        student_update_freq=config.dmd2_student_update_freq, guidance_scale=config.guidance,
-        student_optimizer=_optimizer(config.dmd2_student_lr), critic_optimizer=_optimizer(config.dmd2_critic_lr),
-        critic_time=TimeSamplerConfig(kind="shifted_uniform", shift=5.0), ema=EMAConfig(halflife_steps=20.0),
-        refine_weight=config.dmd2_refine_weight, refine_time=refine_time(config),
-        refine_teacher_steps=config.refine_teacher_steps,
-    )
+    """DMD2 with the demo's CFG scale, learning rates and update frequency, a shifted critic time (Cosmos shift 5), no
+    GAN: ``transfer1`` one step with the refine term; ``predict2.5`` :meth:`DMD2Config.cosmos_predict2_5` (4 steps,
+    shift 5) with the toy's learning rates (the published 1e-6 / 2e-7 are for a 2B model fine-tuned for days)."""
+    values: dict[str, Any] = {
+        "student_update_freq": config.dmd2_student_update_freq, "guidance_scale": config.guidance,
+        "student_optimizer": _optimizer(config.dmd2_student_lr), "critic_optimizer": _optimizer(config.dmd2_critic_lr),
+        "critic_time": TimeSamplerConfig(kind="shifted_uniform", shift=5.0), "ema": EMAConfig(halflife_steps=20.0),
+    }
+    if config.recipe == "predict2.5":
+        return DMD2Config.cosmos_predict2_5(**values)
+    return DMD2Config(**values, refine_weight=config.dmd2_refine_weight, refine_time=refine_time(config),
+                      refine_teacher_steps=config.refine_teacher_steps)
 
 
 def conditions(seed: int, batch: int) -> FunctionData:
@@ -303,21 +345,49 @@ Student = ToyKD | ToyDMD2 | ToyRefinedKD
 def samplers(model: Student, config: DemoConfig) -> dict[str, tuple[Sampler, int]]:
     """The evaluated samplers and their network evaluations per clip."""
     w, steps = config.guidance, config.teacher_steps
-    return {
+    out: dict[str, tuple[Sampler, int]] = {
         "teacher_36step_cfg": (teacher_sampler(model, steps, w), 2 * steps),
         "teacher_1step": (teacher_sampler(model, 1, w), 2),
-        "student_1step": (lambda c, u, noise: model.generate(c, noise), 1),
     }
+    for n in STUDENT_STEPS[config.recipe]:
+        out[student_key(n)] = (student_sampler(model, n), n)
+    return out
+
+
+def student_key(steps: int) -> str:
+    """The sampler name of the student at ``steps`` steps, e.g. ``student_4step``."""
+    return f"student_{steps}step"
+
+
+def main_student(config: DemoConfig) -> str:
+    """The sampler name of the student at the step count its recipe trains it for."""
+    return student_key(STUDENT_STEPS[config.recipe][0])
+
+
+def student_sampler(model: Student, steps: int) -> Sampler:
+    """The student with ``steps`` of its trained times: all of them, or an evenly spaced subset starting at the
+    first (the 4-step schedule sampled at 2 steps uses its 1st and 3rd times)."""
+    times = model.student_times()
+    if steps == len(times):
+        return lambda c, u, noise: model.generate(c, noise)
+    if len(times) % steps:
+        raise ValueError(f"the student trained for {len(times)} steps cannot be sampled at {steps}: choose a divisor.")
+    subset = tuple(float(t) for t in times[:: len(times) // steps])
+    return lambda c, u, noise: model.generate(c, noise, schedule=subset)
 
 
 @dataclass
 class SamplerMetrics:
-    """Figures of one sampler on the held-out conditions."""
+    """Figures of one sampler on the held-out conditions; ``diversity`` with its standard error over the
+    ``diversity_clips`` conditions sampled twice, and ``speed_split``: the share of them (both samples following the
+    prompt) whose two samples move at different speeds (:class:`~distill_mixins.eval.motion.DiversityStats`)."""
 
     fd: float
     prompt_adherence: float
     temporal_consistency: float
     diversity: float
+    diversity_stderr: float
+    speed_split: float
     nfe: int
     latency_s_per_clip: float
 
@@ -337,13 +407,16 @@ class DemoResult:
     """What ran: requested and resolved precision, the CPU's bf16 support (:class:`PrecisionReport`)."""
     teacher_samples: dict[str, Any] = field(default_factory=dict)
     """Where the 36-step teacher's clips came from (``shipped`` with its spot check, or ``sampled``)."""
+    curve: list[CurvePoint] = field(default_factory=list)
+    """The quality-vs-steps curve (empty unless ``steps_curve``)."""
 
     def to_json(self) -> dict[str, Any]:
         """``metrics.json``: one entry per sampler, then the top-level figures."""
         out: dict[str, Any] = {name: asdict(m) for name, m in self.samplers.items()}
         out |= {"fd_floor": self.fd_floor, "gap_closed": self.gap_closed, "speedup_wall": self.speedup_wall,
                 "elapsed_s": self.elapsed_s, "stage_seconds": self.stage_seconds, "precision": self.precision,
-                "teacher_samples": self.teacher_samples, "config": self.config}
+                "teacher_samples": self.teacher_samples, "config": self.config,
+                "curve": [asdict(point) for point in self.curve]}
         return out
 
 
@@ -363,6 +436,8 @@ class Evaluation:
     clips: dict[str, Tensor]
     prompts: list[str]
     teacher_samples: dict[str, Any]
+    again: dict[str, Tensor] = field(default_factory=dict)
+    """Every sampler's clips (K, ...) of the first ``diversity_clips`` conditions from the second noise."""
 
 
 @dataclass
@@ -416,7 +491,7 @@ def checked_teacher(
 
 def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     """Metrics of every sampler on held-out conditions (see :class:`Evaluation`)."""
-    from distill_mixins.eval.motion import diversity
+    from distill_mixins.eval.motion import diversity_stats
     from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
 
     held = held_out(config.eval_clips)
@@ -428,7 +503,7 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     again_noise = eval_noise(config.diversity_clips, shape, AGAIN_SEED)
     shipped = shipped_teacher(config)
     source: dict[str, Any] = {"source": "sampled in this run"}
-    results, clips = {}, {}
+    results, clips, again = {}, {}, {}
     for name, (sampler, nfe) in samplers(model, config).items():
         if name == "teacher_36step_cfg" and shipped is not None:
             run, check = checked_teacher(model, sampler, shipped, config, noise)
@@ -436,16 +511,18 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
         else:
             run = generate(model, sampler, name, config, noise, again_noise)
         figures = evaluate_clips(run.clips, reference.video, held.prompts, net=feature_net)
+        k = config.diversity_clips
+        spread = diversity_stats(run.clips[:k], run.again, held.prompts[:k])
         results[name] = SamplerMetrics(
             fd=figures.fd, prompt_adherence=figures.prompt_adherence,
-            temporal_consistency=figures.temporal_consistency,
-            diversity=diversity(run.clips[: config.diversity_clips], run.again), nfe=nfe,
+            temporal_consistency=figures.temporal_consistency, diversity=spread.mean,
+            diversity_stderr=spread.stderr, speed_split=spread.speed_split, nfe=nfe,
             latency_s_per_clip=run.latency_s_per_clip,
         )
-        clips[name] = run.clips
+        clips[name], again[name] = run.clips, run.again
         logger.info("{}: {}", name, results[name])
     clips["ground_truth"] = held.video
-    return Evaluation(results, floor, clips, held.prompts, source)
+    return Evaluation(results, floor, clips, held.prompts, source, again)
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
@@ -482,8 +559,9 @@ def _run_stages(config: DemoConfig, progress: dict[str, str]) -> DemoResult:
     teacher = load_toy_teacher(config.teacher_weights)
     seconds: dict[str, float] = {}
     final: Student = kd_model(config, teacher)
-    data_dir = _timed(progress, seconds, "kd_data", lambda: make_kd_data(config, final))
-    _timed(progress, seconds, "kd", lambda: run_kd(config, final, data_dir))
+    if config.kd_iterations > 0:
+        data_dir = _timed(progress, seconds, "kd_data", lambda: make_kd_data(config, final))
+        _timed(progress, seconds, "kd", lambda: run_kd(config, final, data_dir))
     if config.refine_iterations > 0:
         final = _timed(progress, seconds, "refine", lambda: run_refine(config, teacher, final.net))
     if config.dmd2_iterations > 0:
@@ -491,13 +569,15 @@ def _run_stages(config: DemoConfig, progress: dict[str, str]) -> DemoResult:
     final.eval()
     with frozen_weights_for(config.precision, final.net_teacher, final.net):
         evaluation = _timed(progress, seconds, "eval", lambda: evaluate(final, config))
+        curve = _timed(progress, seconds, "curve", lambda: steps_curve(final, config, evaluation)) \
+            if config.steps_curve else []
     progress["stage"] = "report"
-    t36, t1, s1 = (evaluation.figures[k] for k in ("teacher_36step_cfg", "teacher_1step", "student_1step"))
+    t36, t1, s1 = (evaluation.figures[k] for k in ("teacher_36step_cfg", "teacher_1step", main_student(config)))
     result = DemoResult(
         samplers=evaluation.figures, fd_floor=evaluation.fd_floor, gap_closed=gap_closed(t1.fd, s1.fd, t36.fd),
         speedup_wall=t36.latency_s_per_clip / s1.latency_s_per_clip, elapsed_s=time.perf_counter() - start,
         stage_seconds=seconds, config=asdict(config), precision=asdict(precision),
-        teacher_samples=evaluation.teacher_samples,
+        teacher_samples=evaluation.teacher_samples, curve=curve,
     )
     write_text_atomic(out / "metrics.json", json.dumps(result.to_json(), indent=2))
     write_report(out, result, evaluation.clips, evaluation.prompts)

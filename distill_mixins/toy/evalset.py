@@ -129,7 +129,7 @@ class TeacherSamples:
 
 
 def make_teacher_samples(
-    model: Any, settings: SampleSettings, *, clips: int = EVAL_POOL, again: int = 32, batch: int = 64
+    model: Any, settings: SampleSettings, *, clips: int = EVAL_POOL, again: int = 256, batch: int = 64
 ) -> TeacherSamples:
     """Sample the teacher of ``model`` (a composed toy model) on the held-out conditions in float32."""
     conditions = held_out(clips)
