@@ -62,3 +62,38 @@ def test_a_unet_teacher_is_refused(tmp_path):
         causal_kd_model(CausalKDRunConfig.quick(out=str(tmp_path), teacher_weights=str(path)))
     with pytest.raises(ValueError, match="is not a file"):
         CausalKDRunConfig(teacher_weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_teacher_samples_of_a_transformer_teacher_run_on_its_causal_host(dit_teacher, tmp_path, monkeypatch):
+    """The transformer trained with the given frame at the conditional time (per-frame times): its samples come
+    from the causal host, equal to that host's own teacher sampler, not the UNet's host."""
+    from distill_mixins.cli import main
+    from distill_mixins.methods.causal_kd import CausalKDConfig
+    from distill_mixins.toy.causal_dit import ToyCausalVideo2World
+    from distill_mixins.toy.causal_kd import ToyCausalKD
+    from distill_mixins.toy.cli import sampling_model
+    from distill_mixins.toy.evalset import (
+        NOISE_SEED,
+        as_8bit,
+        eval_noise,
+        held_out,
+        load_teacher_samples,
+        teacher_sampler,
+    )
+    from distill_mixins.toy.train import WEIGHTS, load_toy_teacher
+
+    assert isinstance(sampling_model(load_toy_teacher(dit_teacher)), ToyCausalVideo2World)
+    teacher = load_toy_teacher(dit_teacher)
+    model = ToyCausalKD(teacher.net, teacher.text_encoder, distill=CausalKDConfig())  # the reference sampler
+    assert not isinstance(sampling_model(load_toy_teacher(WEIGHTS)), ToyCausalVideo2World)
+    out = tmp_path / "samples.xz"
+    monkeypatch.setattr("sys.argv", ["distill-mixins", "toy-teacher-samples"])
+    assert main(["toy-teacher-samples", "--teacher-weights", str(dit_teacher), "--out", str(out), "--clips", "2",
+                 "--again", "1", "--steps", "2"]) == 0
+    shipped = load_teacher_samples(out)
+    held = held_out(2)
+    x0, condition, uncondition = model.get_data_and_condition({"clip": held.video, "prompt": held.prompts})
+    noise = eval_noise(2, tuple(held.video.shape[1:]), NOISE_SEED)
+    with torch.no_grad():
+        clips = model.decode(teacher_sampler(model, 2, 3.0)(condition, uncondition, noise).float())
+    assert torch.equal(as_8bit(clips), as_8bit(shipped.clips)) and shipped.again.shape[0] == 1

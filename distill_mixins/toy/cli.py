@@ -39,16 +39,29 @@ def _check_samples(args: argparse.Namespace) -> None:
                                "safetensors file (`distill-mixins toy-teacher` writes one), or leave it out.")
 
 
-def _teacher_samples(args: argparse.Namespace) -> int:
+def sampling_model(teacher: Any) -> Any:
+    """A composed model that samples the toy ``teacher``: the UNet on its host, the transformer on its causal host
+    (it takes per-frame times, the given first frame at the conditional time, as it trained)."""
+    from distill_mixins.toy.causal_dit import ToyCausalVideo2World
+
+    if isinstance(teacher, ToyCausalVideo2World):
+        from distill_mixins.methods.causal_kd import CausalKDConfig
+        from distill_mixins.toy.causal_kd import ToyCausalKD
+
+        return ToyCausalKD(teacher.net, teacher.text_encoder, distill=CausalKDConfig())
     from distill_mixins.methods import KDConfig
     from distill_mixins.toy.demo import ToyKD
+
+    return ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig())
+
+
+def _teacher_samples(args: argparse.Namespace) -> int:
     from distill_mixins.toy.evalset import make_teacher_samples, teacher_settings, write_teacher_samples
     from distill_mixins.toy.train import WEIGHTS, load_toy_teacher
 
     _check_samples(args)
     weights = args.teacher_weights or WEIGHTS
-    teacher = load_toy_teacher(weights)
-    model = ToyKD(teacher.net, teacher.text_encoder, distill=KDConfig())
+    model = sampling_model(load_toy_teacher(weights))
     settings = teacher_settings(weights, args.steps, args.guidance)
     samples = make_teacher_samples(model, settings, clips=args.clips, again=args.again)
     samples.metadata["command"] = "distill-mixins " + shlex.join(sys.argv[1:])
