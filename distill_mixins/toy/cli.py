@@ -1,5 +1,5 @@
 """``distill-mixins toy-teacher`` (train the toy Video2World teacher from scratch), ``toy-teacher-samples``,
-``toy-causal-kd``."""
+``toy-teacher-eval`` (its quality bar), ``toy-causal-kd``."""
 
 from __future__ import annotations
 
@@ -69,8 +69,23 @@ def _teacher_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_teacher_eval(args: argparse.Namespace) -> int:
+    from distill_mixins.toy.quality import load_for_quality, teacher_quality
+
+    if args.clips < 2:
+        raise ConfigError(f"toy-teacher-eval --clips={args.clips} must be >= 2 (FD needs a covariance).")
+    if not Path(args.weights).is_file():
+        raise MissingFileError(f"{args.weights} is not a file: give a toy teacher safetensors file or a toy-teacher "
+                               "run's train_state.pt.")
+    result = teacher_quality(load_for_quality(args.weights), clips=args.clips, precision=args.precision)
+    for goal, met, measured in result.goals():
+        print(f"{'yes' if met else 'NO ':4s} {goal:58s} {measured}")
+    print(f"{result.clips} held-out conditions; FD on fewer than 1,000 clips is biased upward (only the ratio counts)")
+    return 0 if result.ok else 1
+
+
 def register(commands: Any) -> None:
-    """Add the ``toy-teacher`` and ``toy-teacher-samples`` subcommands."""
+    """Add the ``toy-teacher``, ``toy-teacher-samples``, ``toy-teacher-eval`` and ``toy-causal-kd`` subcommands."""
     parser = commands.add_parser("toy-teacher", help="train the toy Video2World teacher from scratch (CPU)")
     parser.add_argument("--out", default="runs/toy-teacher", help="run directory (default: %(default)s); resumable")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default 3000)")
@@ -101,6 +116,16 @@ def register(commands: Any) -> None:
     samples.add_argument("--steps", type=int, default=36, help="DDIM steps (default %(default)s)")
     samples.add_argument("--guidance", type=float, default=3.0, help="CFG scale w (default %(default)s)")
     samples.set_defaults(func=_teacher_samples)
+    quality = commands.add_parser(
+        "toy-teacher-eval", help="check a toy teacher (weights file or a run's train_state.pt) against its quality bar",
+        description="Sample the teacher at 36 and 1 DDIM steps with CFG on held-out conditions and check the quality "
+        "bar of docs/toy.md (adherence, temporal consistency, FD against held-out real clips). Exit status 1 when a "
+        "goal is missed.",
+    )
+    quality.add_argument("weights", help="a toy teacher safetensors file, or a toy-teacher run's train_state.pt")
+    quality.add_argument("--clips", type=int, default=96, help="held-out conditions (default %(default)s)")
+    quality.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto (default), bf16 or fp32")
+    quality.set_defaults(func=_toy_teacher_eval)
     causal = commands.add_parser(
         "toy-causal-kd", help="the toy causal pipeline's first stages: ODE pairs -> CausalKD -> streaming evaluation",
         description="ODE pairs from the bidirectional toy transformer teacher, CausalKD of a causal student started "
