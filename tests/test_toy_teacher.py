@@ -99,3 +99,22 @@ def test_demo_refined_kd_settings_reach_the_method():
 def test_gap_closed_known_answers():
     assert gap_closed(10.0, 2.0, 2.0) == 1.0 and gap_closed(10.0, 10.0, 2.0) == 0.0
     assert gap_closed(10.0, 4.0, 2.0) == 0.75
+
+
+def test_denoiser_distillation_target_known_answers(tmp_path):
+    """With the shipped UNet as both the network and the target, the loss is exactly 0; against the data it is not;
+    a missing target file is refused naming the field."""
+    from distill_mixins.toy.clips import make_clips
+    from distill_mixins.toy.train import TeacherTrainConfig, teacher_loss
+
+    config = TeacherTrainConfig(precision="fp32", target_teacher=str(WEIGHTS))
+    host, target = load_toy_teacher(), load_toy_teacher(WEIGHTS)
+    clips = make_clips(4, seed=5)
+
+    def loss(against):
+        return teacher_loss(host, clips.video, clips.prompts, config, torch.Generator().manual_seed(0), against)
+
+    with torch.no_grad():
+        assert loss(target).item() == 0.0 and loss(None).item() > 1e-4
+    with pytest.raises(ValueError, match="TeacherTrainConfig.target_teacher='nope' is not a file"):
+        TeacherTrainConfig(target_teacher="nope")

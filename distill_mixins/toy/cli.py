@@ -100,6 +100,11 @@ def register(commands: Any) -> None:
         help="auto: bf16 autocast where the CPU computes it natively (AMX, AVX512-BF16), float32 otherwise "
         "(default auto; the shipped weights: bf16)",
     )
+    parser.add_argument(
+        "--target-teacher", dest="target_teacher", default=None,
+        help="regress this toy teacher's denoiser instead of the data (e.g. the shipped UNet teacher's "
+        "distill_mixins/toy/weights/toy_teacher.safetensors): fewer iterations for a new network",
+    )
     parser.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
                         help="the same as --precision fp32")
     parser.set_defaults(func=_toy_teacher)

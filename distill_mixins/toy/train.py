@@ -85,9 +85,18 @@ class TeacherTrainConfig:
     conditional_sigma: float = 1e-4
     arch: str = "unet"
     """The network (:data:`ARCHS`): ``unet`` (the main demo's teacher) or ``dit`` (the causal pipeline's)."""
+    target_teacher: str | None = None
+    """A toy teacher weights file whose denoiser to regress instead of the clean clip (denoiser distillation: at the
+    same noisy input, time and prompt, its x0 prediction is the target): a target without the data's spread (the
+    conditional mean the data loss converges to), so a new network learns from an existing teacher in fewer
+    iterations. None: the data (how the shipped UNet trained)."""
 
     def __post_init__(self) -> None:
         check_precision(self.precision, "TeacherTrainConfig.precision")
+        if self.target_teacher is not None and not Path(self.target_teacher).is_file():
+            raise ValueError(f"TeacherTrainConfig.target_teacher={self.target_teacher!r} is not a file: give a toy "
+                             "teacher safetensors file (e.g. the shipped distill_mixins/toy/weights/"
+                             "toy_teacher.safetensors), or leave it unset to train on the data.")
         if self.arch not in ARCHS:
             raise ValueError(f"TeacherTrainConfig.arch={self.arch!r} is not known; use one of {', '.join(ARCHS)}.")
         for name in ("iterations", "batch_size", "save_every"):
@@ -126,14 +135,17 @@ def frame_times(net: torch.nn.Module, tau: Tensor, mask: Tensor, conditional_sig
 
 
 def teacher_loss(
-    host: ToyVideo2World, clip: Tensor, prompts: list[str], config: TeacherTrainConfig, generator: torch.Generator
+    host: ToyVideo2World, clip: Tensor, prompts: list[str], config: TeacherTrainConfig, generator: torch.Generator,
+    target: ToyVideo2World | None = None,
 ) -> Tensor:
-    """Velocity loss ``mean ||(x0_hat - x0) / max(tau, tau_floor)||^2`` over the generated frames."""
+    """Velocity loss ``mean ||(x0_hat - x0) / max(tau, tau_floor)||^2`` over the generated frames; with a ``target``
+    teacher, its x0 prediction at the same input replaces the clean clip ``x0``."""
     x0 = host.encode(clip)
     b, _, frames = x0.shape[:3]
     keep = torch.rand(b, generator=generator) >= config.p_uncond
+    used = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
     with torch.no_grad():  # the text encoder is frozen
-        text = host.embed_prompts([p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)])
+        text = host.embed_prompts(used)
     tau = sample_tau(b, config.uniform_fraction, generator)
     eps = torch.randn(x0.shape, generator=generator)
     tb = tau[:, None, None, None, None]
@@ -142,6 +154,10 @@ def teacher_loss(
     time = frame_times(host.net, tau, mask, config.conditional_sigma)
     with autocast(config.precision, "cpu"):
         x0_hat = host.net(x, time, mask, text)
+    if target is not None:
+        with torch.no_grad(), autocast(config.precision, "cpu"):  # the target reads the prompt with its own encoder
+            t_target = frame_times(target.net, tau, mask, config.conditional_sigma)
+            x0 = target.net(x, t_target, mask, target.embed_prompts(used)).float()
     err = (x0_hat.float() - x0) / tb.clamp(min=config.tau_floor)
     return err.pow(2)[:, :, 1:].mean()
 
@@ -228,12 +244,16 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
                            "--precision {} to keep it", ran.resolved, state["precision"], state["precision"])
     logger.info("toy teacher precision: {} (asked {}; {})", ran.resolved, ran.requested, ran.reason)
     beta = EMAConfig(halflife_steps=config.ema_halflife).beta(1)
+    target = None
+    if config.target_teacher is not None:
+        target = load_toy_teacher(config.target_teacher).requires_grad_(False).eval()
+        logger.info("toy teacher: regressing the denoiser of {} (denoiser distillation)", config.target_teacher)
     t0 = time.perf_counter() - elapsed
     bar = tqdm(range(start, config.iterations), desc="toy teacher", unit="it", initial=start, total=config.iterations)
     for iteration in bar:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
         clips = make_clips(config.batch_size, seed=int(torch.randint(2**62, (), generator=generator)))
-        loss = teacher_loss(host, clips.video, clips.prompts, config, generator)
+        loss = teacher_loss(host, clips.video, clips.prompts, config, generator, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(host.net.parameters(), config.grad_clip)
