@@ -240,6 +240,24 @@ def test_rope_is_relative_in_each_axis():
         assert not torch.allclose(score((0, 0, 0), (0, 0, 0)), score((0, 0, 0), tuple(j)))
 
 
+def test_rope_complex_form_equals_the_elementwise_form():
+    """Without a backward graph apply_rope takes one complex product; it equals the elementwise rotation (the path
+    with a graph) in float64 and float32, on a strided q as the attention layers pass it."""
+    qkv = torch.randn(2, 6, 3, 2, 8, dtype=torch.float64)
+    angles = torch.rand(6, 4, dtype=torch.float64) * 6
+    for dtype in (torch.float64, torch.float32):
+        q = qkv.to(dtype).unbind(2)[0]
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        with torch.no_grad():
+            fast = apply_rope(q, cos, sin)
+        graph = apply_rope(q.clone().requires_grad_(True), cos, sin)
+        x1, x2 = q.unflatten(-1, (-1, 2)).unbind(-1)
+        reference = torch.stack((x1 * cos[:, None] - x2 * sin[:, None], x1 * sin[:, None] + x2 * cos[:, None]), -1)
+        assert graph.grad_fn is not None and fast.dtype == dtype
+        for out in (fast, graph):
+            _close(out, reference.flatten(-2), 1e-14 if dtype == torch.float64 else 1e-6)
+
+
 def test_errors():
     model = _model()
     with pytest.raises(ValueError, match="multiple of the patch size 2"):

@@ -84,6 +84,24 @@ def test_bidirectional_differs_and_single_chunk_known_answers():
     assert torch.equal(net(x, same[:, 0], mask, text), net(x, same, mask, text))
 
 
+def test_position_embedding_and_rope_base_are_options_that_act():
+    """The absolute (row, column) token embedding is one table shared by every frame (so cached chunks at any start
+    see it too, as the cached == full tests check); without it the network has no such parameters; the RoPE base
+    changes the forward; a base <= 1 is refused by name."""
+    x, tau, mask, text = inputs(8)
+    with_pos, without = small_net(), small_net(position_embedding=False)
+    assert "position_embed.weight" in with_pos.state_dict()
+    assert not any(k.startswith("position_embed") for k in without.state_dict())
+    table = with_pos._position((8, 4, 4), torch.float64, None)
+    assert table.shape == (16, SMALL["dim"]) and max_diff(table[0], table[5]) > 1e-3
+    base = with_pos(x, tau, mask, text)
+    other = copy.deepcopy(with_pos)
+    other.rope_theta = 10000.0
+    assert max_diff(other(x, tau, mask, text), base) > 1e-6
+    with pytest.raises(ValueError, match="rope_theta"):
+        ToyCausalDiT(**SMALL, rope_theta=1.0)
+
+
 # ------------------------------------------------------------------------------------------- cached == full
 
 

@@ -98,7 +98,18 @@ def rope_angles(
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the consecutive pairs ``(x[..., 2i], x[..., 2i + 1])`` of x (B, S, heads, D) by the angles whose
-    ``cos`` and ``sin`` are (S, D / 2)."""
+    ``cos`` and ``sin`` are (S, D / 2).
+
+    Without a backward graph through x (sampling, a forward-mode JVP) in float32/float64: one complex product (the
+    same four products and two sums, ~10x faster on CPU); otherwise the elementwise form, whose saved tensors (cos
+    and sin, shared by every call) the activation-memory formula counts."""
+    fast = x.dtype in (torch.float32, torch.float64) and cos.dtype == sin.dtype == x.dtype
+    if fast and not (torch.is_grad_enabled() and x.requires_grad):
+        pairs = x.unflatten(-1, (-1, 2))
+        if pairs.stride(-1) != 1 or any(stride % 2 for stride in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)[:, None]
+        return torch.view_as_real(rotated).flatten(-2)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None], sin[:, None]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

@@ -47,11 +47,12 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class CausalBlock(nn.Module):
-    """Pre-norm transformer block with per-frame adaptive LayerNorm (adaLN-Zero: shift, scale, gate for attention
-    and MLP from the frame's embedding, zero-initialised), RoPE self-attention through the library dispatch, and the
-    block's :class:`KVCache` (a plain attribute: never in a state dict; a deep copy gets its own)."""
+    """Pre-norm transformer block with per-frame adaptive LayerNorm (shift, scale, gate for attention and MLP from
+    the frame's embedding, zero-initialised weights; the gates start at ``gate_init``, 0 being adaLN-Zero), RoPE
+    self-attention through the library dispatch, and the block's :class:`KVCache` (a plain attribute: never in a
+    state dict; a deep copy gets its own)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, kv_cache: KVCache) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, kv_cache: KVCache, gate_init: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -63,6 +64,9 @@ class CausalBlock(nn.Module):
         self.modulation = nn.Linear(dim, 6 * dim)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
+        with torch.no_grad():  # the attention and MLP gates' constant part (0: adaLN-Zero, each block the identity)
+            self.modulation.bias[2 * dim : 3 * dim] = gate_init
+            self.modulation.bias[5 * dim :] = gate_init
         self.kv_cache = kv_cache
 
     def forward(
@@ -107,7 +111,12 @@ class ToyCausalDiT(nn.Module):
 
     Input channels: the preconditioned state and the frame mask. Each frame's adaLN embedding holds its time, the
     prompt and its absolute index (RoPE alone is relative, so no attention head could otherwise follow a motion
-    ``v t`` back to frame 0: the query must know t). EDM-style preconditioning in rectified-flow time,
+    ``v t`` back to frame 0: the query must know t). ``position_embedding``: each token also gets an embedding of its
+    absolute (row, column) in the frame (a value then carries where it came from, and the walls a shape bounces
+    off are known). ``rope_theta``: the rotary base; the toy's axes are 8 positions long, so a small base (16)
+    spreads the frequencies over them (10,000 leaves two of a spatial axis's five frequencies distinguishing them).
+    ``gate_init``: the constant part of each block's attention and MLP gates (0 is DiT's adaLN-Zero; 1 trains
+    faster at this size, see docs/development.md). EDM-style preconditioning in rectified-flow time,
     per frame (as :class:`~distill_mixins.toy.unet.ToyUNet`): ``s = sqrt(tau^2 + sd^2 (1 - tau)^2)``,
     ``x0 = sd^2 (1 - tau) x / s^2 + (tau sd / s) F(x / s, tau)``. Output layer zero-initialised (``x0`` starts as
     the skip term). Frame positions are absolute (``start_frame`` + local index); one at or past ``max_frames``
@@ -117,6 +126,7 @@ class ToyCausalDiT(nn.Module):
     def __init__(
         self, channels: int = 3, patch: int = 4, dim: int = 128, depth: int = 4, heads: int = 4, text_dim: int = 64,
         max_frames: int = 32, image_size: int = 32, chunk_size: int = 3, mlp_ratio: int = 4, sigma_data: float = 0.5,
+        position_embedding: bool = True, rope_theta: float = 16.0, gate_init: float = 1.0,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -125,15 +135,20 @@ class ToyCausalDiT(nn.Module):
             raise ValueError(f"ToyCausalDiT: image_size={image_size} is not a multiple of patch={patch}.")
         self.channels, self.patch, self.dim, self.heads = channels, patch, dim, heads
         self.max_frames, self.sigma_data = max_frames, sigma_data
+        if not rope_theta > 1:
+            raise ValueError(f"ToyCausalDiT: rope_theta={rope_theta} must be > 1.")
+        self.rope_theta = float(rope_theta)
         self.chunk_size = check_chunk_size(chunk_size, "ToyCausalDiT chunk_size")
         self.axis_dims = rope_axis_dims(dim // heads)
         self.time = FourierTime(64)
         self.frame_index = FourierTime(32)  # of start_frame + i over max_frames: a frame knows where it is
         self.embed = nn.Sequential(nn.Linear(64 + text_dim + 32, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.patch_embed = nn.Linear((channels + 1) * patch * patch, dim)
+        self.position = FourierTime(32) if position_embedding else None  # of a token's (row, column) in [0, 1]
+        self.position_embed = nn.Linear(2 * 32, dim) if position_embedding else None
         tokens = (image_size // patch) ** 2
         self.blocks = nn.ModuleList(
-            CausalBlock(dim, heads, mlp_ratio, KVCache(max_frames, tokens)) for _ in range(depth)
+            CausalBlock(dim, heads, mlp_ratio, KVCache(max_frames, tokens), gate_init) for _ in range(depth)
         )
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Linear(dim, 2 * dim)
@@ -196,6 +211,8 @@ class ToyCausalDiT(nn.Module):
         patches, grid = patchify(torch.cat([x / s, mask_channel], dim=1), (1, self.patch, self.patch))
         tokens = self.patch_embed(patches)  # (B, S, dim), S = T * P
         per_frame = grid[1] * grid[2]
+        if self.position_embed is not None:
+            tokens = tokens + self._position(grid, dtype, x.device).repeat(frames, 1)
         index = torch.arange(start_frame, start_frame + frames, device=x.device, dtype=dtype) / self.max_frames
         emb = self.embed(torch.cat([self.time(tau.reshape(-1)).view(b, frames, -1),
                                     text.to(device=x.device, dtype=dtype)[:, None].expand(b, frames, -1),
@@ -217,6 +234,15 @@ class ToyCausalDiT(nn.Module):
         out = unpatchify(out.reshape(b, frames * per_frame, -1), grid, (1, self.patch, self.patch))
         return c_skip * x + c_out * out
 
+    def _position(self, grid: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Absolute (row, column) embedding (H'*W', dim) of a frame's tokens, the centres scaled to [0, 1]."""
+        _, h, w = grid
+        rows = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+        cols = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+        features = torch.cat([self.position(rows)[:, None].expand(h, w, -1),
+                              self.position(cols)[None].expand(h, w, -1)], dim=-1).reshape(h * w, -1)
+        return self.position_embed(features)
+
     def _rope(
         self, start: int, grid: tuple[int, int, int], dtype: torch.dtype, device: torch.device
     ) -> tuple[Tensor, Tensor]:
@@ -224,8 +250,10 @@ class ToyCausalDiT(nn.Module):
         positions), computed on the fly in float32 or wider."""
         (frames, h, w), wide = grid, torch.promote_types(dtype, torch.float32)
         dt, dh, dw = self.axis_dims
-        at = rope_angles(start + frames, dt, dtype=wide, device=device)[start:]  # (T, dt/2)
-        ah, aw = rope_angles(h, dh, dtype=wide, device=device), rope_angles(w, dw, dtype=wide, device=device)
+        theta = self.rope_theta
+        at = rope_angles(start + frames, dt, theta, dtype=wide, device=device)[start:]  # (T, dt/2)
+        ah = rope_angles(h, dh, theta, dtype=wide, device=device)
+        aw = rope_angles(w, dw, theta, dtype=wide, device=device)
         angles = torch.cat([at[:, None, None].expand(frames, h, w, -1), ah[None, :, None].expand(frames, h, w, -1),
                             aw[None, None, :].expand(frames, h, w, -1)], dim=-1).reshape(frames * h * w, -1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

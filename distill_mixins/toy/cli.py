@@ -90,7 +90,8 @@ def register(commands: Any) -> None:
     parser.add_argument("--out", default="runs/toy-teacher", help="run directory (default: %(default)s); resumable")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default 3000)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="clips per step (default 48)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 6e-4)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate (default 6e-4 for unet, 3e-3 for dit)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument("--arch", choices=("unet", "dit"), default=None,
                         help="unet (the main demo's teacher, default) or dit (the causal pipeline's transformer "

@@ -49,6 +49,10 @@ ARCHS = ("unet", "dit")
 """``unet``: :class:`ToyUNet` (the main demo's teacher); ``dit``: :class:`~distill_mixins.toy.causal_dit.ToyCausalDiT`
 run bidirectionally (the causal pipeline's teacher, whose weights the causal student starts from)."""
 
+DEFAULT_LR = {"unet": 6e-4, "dit": 3e-3}
+"""The learning rate of each arch when none is given (the transformer: 400-iteration probes at batch 16 in
+docs/development.md)."""
+
 
 def make_network(arch: str) -> torch.nn.Module:
     """A fresh teacher network of ``arch`` (:data:`ARCHS`)."""
@@ -67,7 +71,8 @@ class TeacherTrainConfig:
 
     iterations: int = 3000
     batch_size: int = 48
-    lr: float = 6e-4
+    lr: float | None = None
+    """AdamW learning rate; None: the arch's (:data:`DEFAULT_LR`: 6e-4 for the UNet, 3e-3 for the transformer)."""
     warmup: int = 200
     weight_decay: float = 0.0
     ema_halflife: float = 300.0
@@ -104,6 +109,8 @@ class TeacherTrainConfig:
                 raise ValueError(f"TeacherTrainConfig.{name}={getattr(self, name)} must be >= 1.")
         if not 0 <= self.p_uncond < 1 or not 0 <= self.uniform_fraction <= 1:
             raise ValueError("TeacherTrainConfig.p_uncond must be in [0, 1) and uniform_fraction in [0, 1].")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.arch]
         if not self.lr > 0 or not self.tau_floor > 0 or not self.ema_halflife > 0:
             raise ValueError("TeacherTrainConfig.lr, tau_floor and ema_halflife must be > 0.")
 
