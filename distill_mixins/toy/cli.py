@@ -1,5 +1,5 @@
 """``distill-mixins toy-teacher`` (train the toy Video2World teacher from scratch), ``toy-teacher-samples``,
-``toy-teacher-eval`` (its quality bar), ``toy-causal-kd``."""
+``toy-teacher-eval`` (its quality bar), ``toy-causal-kd``, ``demo-causal``."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def _toy_teacher_eval(args: argparse.Namespace) -> int:
 
 
 def register(commands: Any) -> None:
-    """Add the ``toy-teacher``, ``toy-teacher-samples``, ``toy-teacher-eval`` and ``toy-causal-kd`` subcommands."""
+    """Add the ``toy-teacher``, ``toy-teacher-samples``, ``toy-teacher-eval``, ``toy-causal-kd`` and
+    ``demo-causal`` subcommands."""
     parser = commands.add_parser("toy-teacher", help="train the toy Video2World teacher from scratch (CPU)")
     parser.add_argument("--out", default="runs/toy-teacher", help="run directory (default: %(default)s); resumable")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default 3000)")
@@ -150,6 +151,43 @@ def register(commands: Any) -> None:
     causal.add_argument("--precision", choices=PRECISIONS, default=None, help="auto (default), bf16 or fp32")
     causal.add_argument("--quick", action="store_true", help="a CI-sized run")
     causal.set_defaults(func=_toy_causal_kd)
+    demo = commands.add_parser(
+        "demo-causal", help="the causal pipeline on the toy: ODE pairs -> CausalKD -> Self-Forcing, long rollouts",
+        description="The shipped bidirectional toy transformer teacher -> ODE pairs -> CausalKD -> Self-Forcing (the "
+        "library's pipeline), then the teacher, the CausalKD student and the Self-Forcing student on held-out "
+        "conditions at 8 frames and on longer rollouts (FD of every 8-frame window: drift), time to the first chunk "
+        "and frames per second; report.md, metrics.json, long_rollouts.png and GIFs in --out "
+        "(distill_mixins.toy.demo_causal). Resumable: re-run the same command.",
+    )
+    demo.add_argument("--out", default=None, help="run directory (default runs/demo-causal, --quick: "
+                      "runs/demo-causal-quick)")
+    demo.add_argument("--teacher-weights", dest="teacher_weights", default=None,
+                      help="the transformer teacher (toy-teacher --arch dit); default: the shipped one")
+    for flag, kind, what in (("pairs", int, "ODE pairs"), ("teacher-steps", int, "teacher DDIM steps"),
+                             ("guidance", float, "CFG scale w"), ("kd-iterations", int, "CausalKD iterations"),
+                             ("sf-iterations", int, "Self-Forcing iterations"),
+                             ("context-noise", float, "TrigFlow time of the clean context frames (0: none)"),
+                             ("eval-clips", int, "held-out conditions at 8 frames"),
+                             ("long-clips", int, "held-out conditions of the long rollouts"), ("seed", int, "seed")):
+        demo.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, default=None, help=what)
+    demo.add_argument("--precision", choices=PRECISIONS, default=None, help="auto (default), bf16 or fp32")
+    demo.add_argument("--quick", action="store_true", help="a CI-sized run (under 2 minutes)")
+    demo.set_defaults(func=_demo_causal)
+
+
+def _demo_causal(args: argparse.Namespace) -> int:
+    from distill_mixins.toy.demo_causal import config_from_args, run_demo_causal
+    from distill_mixins.toy.report_causal import acceptance, format_long_table, format_table
+
+    with config_errors():
+        config = config_from_args(vars(args), args.quick)
+    result = run_demo_causal(config)
+    print(format_table(result))
+    print(format_long_table(result))
+    for goal, met, measured in acceptance(result):
+        print(f"{'yes' if met else 'NO ':4s} {goal:70s} {measured}")
+    print(f"report: {config.out}/report.md")
+    return 0
 
 
 def _toy_causal_kd(args: argparse.Namespace) -> int:

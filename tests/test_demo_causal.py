@@ -1,0 +1,112 @@
+"""``distill-mixins demo-causal``: its config errors, the pipeline it runs (the library's, with the demo's values),
+the goals of its report on known figures, and the timing of a stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from distill_mixins.causal import StreamedChunk
+from distill_mixins.toy.demo_causal import (
+    CausalDemoConfig,
+    CausalDemoResult,
+    CausalSamplerMetrics,
+    LongRollout,
+    demo_pipeline,
+    timed_stream,
+)
+from distill_mixins.toy.report_causal import acceptance, format_long_table, format_table
+
+
+@pytest.fixture
+def weights(tmp_path) -> str:
+    path = tmp_path / "teacher.safetensors"
+    path.write_bytes(b"")  # the config checks the file exists; the pipeline is only built here, never run
+    return str(path)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("pairs", 0, "CausalDemoConfig.pairs=0 must be >= 1"),
+    ("sf_iterations", 0, "CausalDemoConfig.sf_iterations=0 must be >= 1"),
+    ("kd_lr", 0.0, "CausalDemoConfig.kd_lr=0.0 must be > 0"),
+    ("rollouts", (1,), "CausalDemoConfig.rollouts=(1,): give whole multiples >= 2"),
+    ("diversity_clips", 2000, "CausalDemoConfig.diversity_clips=2000 must be <= eval_clips=1024"),
+    ("precision", "fp16", "precision"),
+])
+def test_config_errors_name_the_field(weights, field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CausalDemoConfig(teacher_weights=weights, **{field: value})
+
+
+def test_missing_teacher_names_the_command(tmp_path):
+    with pytest.raises(ValueError, match="toy-teacher --arch dit"):
+        CausalDemoConfig(teacher_weights=str(tmp_path / "none.safetensors"))
+
+
+def test_the_demo_runs_the_library_pipeline_with_its_values(weights):
+    config = CausalDemoConfig(teacher_weights=weights, out="runs/x", pairs=32, kd_iterations=7, sf_iterations=5,
+                              kd_lr=2e-4, sf_student_lr=3e-6, context_noise=0.1, precision="fp32")
+    pipeline = demo_pipeline(config)
+    run = pipeline.run_config()
+    kd, sf = run.stages
+    assert (pipeline.run_dir, kd.name, sf.name, sf.init_from_previous) == ("runs/x", "causal_kd", "self_forcing",
+                                                                           "student")
+    assert pipeline.ode_pairs.kd_data["num_samples"] == 32 and pipeline.ode_pairs.kd_data["steps"] == 36
+    assert kd.trainer["iterations"] == 7 and sf.trainer["iterations"] == 5
+    assert kd.trainer["autocast"] == sf.trainer["autocast"] == "none"
+    assert kd.method_config["student_optimizer"]["lr"] == 2e-4
+    assert sf.method_config["student_optimizer"]["lr"] == 3e-6
+    assert sf.method_config["student_optimizer"]["betas"] == [0.0, 0.999]  # Self-Forcing's
+    assert kd.method_config["context_noise"] == sf.method_config["context_noise"] == 0.1
+    assert kd.model_args == sf.model_args == {"teacher_weights": weights}
+
+
+def _metrics(fd: float, long: dict[int, LongRollout] | None = None) -> CausalSamplerMetrics:
+    return CausalSamplerMetrics(fd=fd, prompt_adherence=0.9, temporal_consistency=0.8, diversity=0.1,
+                                diversity_stderr=0.01, seconds_per_clip=1.0, first_chunk_s=0.1, frames_per_s=8.0,
+                                long=long or {})
+
+
+def _long(last: float) -> dict[int, LongRollout]:
+    return {32: LongRollout(frames=32, clips=4, fd_windows=[1.0, 2.0, 3.0, last], fd_floor_windows=[0.5] * 4,
+                            prompt_adherence=0.5, temporal_consistency=0.6)}
+
+
+def _result(sf_fd: float, sf_last: float, kd_last: float, elapsed: float) -> CausalDemoResult:
+    samplers = {"teacher_cfg": _metrics(2.0), "causal_kd": _metrics(3.0, _long(kd_last)),
+                "self_forcing": _metrics(sf_fd, _long(sf_last))}
+    return CausalDemoResult(samplers=samplers, fd_floor=0.5, elapsed_s=elapsed, stage_seconds={},
+                            config={"time_goal_s": 900.0}, precision={}, teacher_samples={})
+
+
+def test_report_goals_known_answers():
+    met = acceptance(_result(sf_fd=2.5, sf_last=4.0, kd_last=6.0, elapsed=899.0))
+    assert [ok for _, ok, _ in met] == [True, True, True]
+    assert "1.250x" in met[0][2] and "4.00 vs 6.00" in met[1][2]
+    missed = acceptance(_result(sf_fd=2.51, sf_last=6.0, kd_last=6.0, elapsed=901.0))
+    assert [ok for _, ok, _ in missed] == [False, False, False]
+
+
+def test_tables_show_every_window_and_the_floor():
+    result = _result(sf_fd=2.5, sf_last=4.0, kd_last=6.0, elapsed=1.0)
+    table, long = format_table(result), format_long_table(result)
+    assert table.count("\n") == 4 and "FD floor" in table
+    assert "24-31" in long and "6.00" in long and "4.00" in long and "real clips (floor)" in long
+
+
+def test_timed_stream_counts_the_first_chunk_and_the_frames():
+    def chunks():
+        yield StreamedChunk(0, 2, torch.zeros(1))
+        yield StreamedChunk(2, 5, torch.zeros(1))
+
+    first, total, frames = timed_stream(chunks())
+    assert frames == 5 and 0 <= first <= total
+
+
+def test_the_result_is_json_ready():
+    result = _result(sf_fd=2.5, sf_last=4.0, kd_last=6.0, elapsed=1.0)
+    data = json.loads(json.dumps(dataclasses.asdict(result)))
+    assert data["samplers"]["self_forcing"]["long"]["32"]["fd_windows"][-1] == 4.0
