@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 from distill_mixins import KDMixin
-from distill_mixins.causal import StreamedChunk, generate_causal, stream_causal_uncached
+from distill_mixins.causal import generate_causal, stream_causal_uncached
 from distill_mixins.sampling import guided_x0, sample_ddim, time_grid
 from distill_mixins.toy.causal_dit import ToyCausalDiT, ToyCausalVideo2World
 from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.demo_causal import timed_stream
 from distill_mixins.toy.host import ToyCondition, first_frame_mask
 from distill_mixins.toy.text import ToyTextEncoder
 from distill_mixins.trigflow import student_schedule
@@ -29,16 +30,6 @@ from distill_mixins.trigflow import student_schedule
 
 class ToyCausalKD(KDMixin, ToyCausalVideo2World):
     """A composed causal model (its student is what streams)."""
-
-
-def timed_stream(chunks: Iterator[StreamedChunk]) -> tuple[float, float, int]:
-    """(seconds to the first chunk, total seconds, frames) of a streaming sampler."""
-    start = time.perf_counter()
-    first, frames = None, 0
-    for chunk in chunks:
-        first = first if first is not None else time.perf_counter() - start
-        frames = chunk.end
-    return first or 0.0, time.perf_counter() - start, frames
 
 
 def median_of(run: Callable[[], tuple[float, float, int]], repeats: int) -> tuple[float, float, int]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distill_mixins.causal import chunk_bounds, generate_causal
+from distill_mixins.causal import chunk_bounds, extend_condition, generate_causal, window_condition
 from distill_mixins.methods.dmd2 import dmd_loss
 from distill_mixins.methods.self_forcing import SelfForcingConfig, SelfForcingMixin
 from distill_mixins.toy.causal_dit import ToyCausalDiT, ToyCausalVideo2World
@@ -182,3 +182,81 @@ def test_exit_steps_agree_across_ranks():
     assert all(len(set(e)) == 1 for e in shared) and len({e[0] for e in shared}) > 1  # one step a clip, varying
     assert any(len(set(e)) > 1 for e in per_chunk)
     assert all(e == [3, 3, 3] for e in ranks[0]["last"])
+
+
+# ------------------------------------------------------------------------------ longer training rollouts
+
+LONG = 10  # chunks of 1, 3, 3, 3 frames; the window is frames 3..9
+
+
+def test_a_longer_rollout_is_the_inference_rollout_and_scores_its_last_window():
+    """With ``rollout_frames`` L the student rolls out L frames exactly as ``generate_causal`` does on the extended
+    condition (the clip's noise continued by fresh draws), and the clip scored is its last T frames, on conditions
+    whose given first frame is the window's own."""
+    m = model(exit_mode="last", rollout_frames=LONG)
+    data = prepared(m)
+    with m.drawing(0, B) as draws:
+        G, window = m.student_clip(data, draws.randn_like(data.x0), grad=False)
+    with m.drawing(0, B) as draws:
+        noise = draws.randn_like(data.x0)
+        noise = torch.cat([noise, draws.randn_like(noise.new_empty(B, C, LONG - T, HW, HW))], dim=2)
+        reference = generate_causal(m, extend_condition(data.condition, LONG), noise, randn_like=draws.randn_like,
+                                    renoise="fresh")
+    assert G.shape == (B, C, T, HW, HW) and torch.equal(G, reference[:, :, -T:])
+    for condition, original in ((window.condition, data.condition), (window.uncondition, data.uncondition)):
+        assert torch.equal(condition.gt_frames, G) and torch.equal(condition.frame_mask, original.frame_mask)
+        assert torch.equal(condition.text, original.text)
+    assert window.x0 is data.x0
+
+
+def test_a_longer_rollout_trains_through_the_window_only_with_the_teacher_on_the_window():
+    m = model(rollout_frames=LONG)
+    seen = []
+    m.net_teacher.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[2]))
+    output, loss = m.training_step(batch(), 0)  # a student phase
+    loss.backward()
+    assert seen == [T, T] and torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.net.parameters())
+    _, loss = m.training_step(batch(), 1)  # a critic phase on a longer rollout's window
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"rollout_frames": 1}, "rollout_frames=1"),
+    ({"rollout_frames": True}, "rollout_frames=True"),
+    ({"rollout_frames": 12, "refine_weight": 1.0}, "refine term"),
+])
+def test_longer_rollout_config_errors(values, message):
+    with pytest.raises(ValueError, match=message):
+        SelfForcingConfig(**values)
+
+
+def test_a_rollout_shorter_than_the_clip_is_refused():
+    m = model(rollout_frames=5)
+    data = prepared(m)
+    with m.drawing(0, B) as draws, pytest.raises(ValueError, match="shorter than the clip's 7 frames"):
+        m.student_clip(data, draws.randn_like(data.x0), grad=False)
+
+
+def test_extend_and_window_conditions_known_answers():
+    m = model()
+    condition = prepared(m).condition
+    long = extend_condition(condition, LONG)
+    assert long.gt_frames.shape[2] == long.frame_mask.shape[2] == LONG
+    assert torch.equal(long.gt_frames[:, :, :T], condition.gt_frames) and not long.gt_frames[:, :, T:].any()
+    assert torch.equal(long.frame_mask[:, :, :T], condition.frame_mask) and not long.frame_mask[:, :, T:].any()
+    clip = torch.randn(B, C, T, HW, HW, dtype=torch.float64, requires_grad=True)
+    windowed = window_condition(condition, clip)
+    assert torch.equal(windowed.gt_frames, clip) and not windowed.gt_frames.requires_grad
+    text_only = torch.zeros(B, 4)
+    assert extend_condition(text_only, LONG) is text_only and window_condition(text_only, clip) is text_only
+    with pytest.raises(ValueError, match="score windows of the clip's length"):
+        window_condition(condition, clip[:, :, :3])
+    with pytest.raises(ValueError, match="shorter than the condition's 7 frames"):
+        extend_condition(condition, 3)
+
+    class NotADataclass:
+        gt_frames, frame_mask = condition.gt_frames, condition.frame_mask
+
+    with pytest.raises(TypeError, match="make the condition a dataclass"):
+        extend_condition(NotADataclass(), LONG)

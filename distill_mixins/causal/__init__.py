@@ -21,6 +21,7 @@ from distill_mixins.causal.streaming import (
     stream_causal_uncached,
 )
 from distill_mixins.causal.time_sampler import chunk_step_indices, step_times
+from distill_mixins.causal.windows import extend_condition, window_condition
 
 __all__ = [
     "BlockCausalSpans",
@@ -34,10 +35,12 @@ __all__ = [
     "chunk_bounds",
     "chunk_of_frame",
     "chunk_step_indices",
+    "extend_condition",
     "frame_chunks",
     "generate_causal",
     "require_spans",
     "step_times",
     "stream_causal",
     "stream_causal_uncached",
+    "window_condition",
 ]

@@ -187,6 +187,14 @@ class DMD2Mixin(DistillationCoreMixin):
         with nullcontext() if grad else torch.no_grad():
             return self.trigflow_denoise(self.net, x_t, ts[n - 1], data.condition).x0
 
+    def student_clip(
+        self, data: DistillBatch, noise: Tensor, *, grad: bool, simulate: bool = True
+    ) -> tuple[Tensor, DistillBatch]:
+        """The student's clip ``G`` (B, C, T, H, W) the phase scores, and the batch it is scored on (the teacher's
+        and critic's conditions): :meth:`student_sample` on ``data`` (Self-Forcing's longer rollouts return their
+        last T frames and the window's conditions)."""
+        return self.student_sample(data, noise, grad=grad, simulate=simulate), data
+
     def _renoise(self, x_t: Tensor, x0: Tensor, t: float, s: float, noise: Tensor) -> Tensor:
         """:func:`renoise_state` with fresh noise from the step's draws (so it does not depend on the batch split)."""
         mode = self.distill_config.renoise
@@ -248,7 +256,7 @@ class DMD2Mixin(DistillationCoreMixin):
         """Student phase: DMD gradient of the re-noised student sample (+ the generator GAN term)."""
         config: DMD2Config = self.distill_config  # type: ignore[assignment]
         noise = self.draws.randn_like(data.x0)
-        G = self.student_sample(data, noise, grad=True)
+        G, data = self.student_clip(data, noise, grad=True)
         t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
         x_t = add_noise(G, self.draws.randn_like(G), t, self.sigma_data)
         logits, x0_tapped = self._discriminate(data, x_t, t) if self.gan_enabled else (None, None)
@@ -278,7 +286,7 @@ class DMD2Mixin(DistillationCoreMixin):
         """Critic phase: fake-score denoising loss on student samples (+ discriminator loss and R1)."""
         config: DMD2Config = self.distill_config  # type: ignore[assignment]
         simulate = config.critic_samples == "simulated"
-        G = self.student_sample(data, self.draws.randn_like(data.x0), grad=False, simulate=simulate)
+        G, data = self.student_clip(data, self.draws.randn_like(data.x0), grad=False, simulate=simulate)
         t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
         eps = self.draws.randn_like(G)
         x_t = add_noise(G, eps, t, self.sigma_data)

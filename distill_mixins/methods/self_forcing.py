@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill_mixins.causal import chunk_bounds, stream_causal
+from distill_mixins.causal import chunk_bounds, extend_condition, stream_causal, window_condition
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig, check_choice
 from distill_mixins.contract import check_causal_host_instance
 from distill_mixins.core import DistillBatch
@@ -63,6 +63,10 @@ class SelfForcingConfig(DMD2Config):
     """TrigFlow time the cache is refreshed at (0: the clean chunk)."""
     student_weights: str | None = None
     """The CausalKD stage's extracted student (``extract-weights``), loaded as the student at construction."""
+    rollout_frames: int | None = None
+    """Longer training rollouts: roll the student out this many frames (more than the clip's T; past the network's
+    cache capacity it needs a rolling cache window) and score the last T frames, on conditions whose given frames
+    are that window's own first frames (:func:`~distill_mixins.causal.window_condition`). None: the clip's length."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +78,14 @@ class SelfForcingConfig(DMD2Config):
         if not 0.0 <= float(self.context_noise) < 1.5707963267948966:
             raise ValueError(f"SelfForcingConfig.context_noise={self.context_noise!r}: give a TrigFlow time in "
                              "[0, pi/2) (0: the clean chunk).")
+        if self.rollout_frames is not None and (
+            isinstance(self.rollout_frames, bool) or not isinstance(self.rollout_frames, int) or self.rollout_frames < 2
+        ):
+            raise ValueError(f"SelfForcingConfig.rollout_frames={self.rollout_frames!r}: give an int longer than the "
+                             "training clip, or None (the clip's length).")
+        if self.rollout_frames is not None and self.refine_weight > 0:
+            raise ValueError("SelfForcingConfig.rollout_frames with refine_weight > 0: the refine term regresses the "
+                             "clip's own noise, which a longer rollout does not have; set one of them off.")
         if self.student_weights is not None and not Path(self.student_weights).is_file():
             raise ValueError(
                 f"SelfForcingConfig.student_weights={self.student_weights!r} is not a file: extract the CausalKD "
@@ -109,6 +121,25 @@ class SelfForcingMixin(DMD2Mixin):
             return [self.draws.shared_randint(0, k)] * n
         return [self.draws.shared_randint(0, k) for _ in range(n)]
 
+    def student_clip(
+        self, data: DistillBatch, noise: Tensor, *, grad: bool, simulate: bool = True
+    ) -> tuple[Tensor, DistillBatch]:
+        """The rollout (the clip's T frames), or with ``rollout_frames`` L > T: a rollout of L frames (``noise``
+        continued with fresh draws), its last T frames and the batch of that window (conditions from
+        :func:`~distill_mixins.causal.window_condition`)."""
+        length, frames = self.distill_config.rollout_frames, noise.shape[2]  # type: ignore[attr-defined]
+        if length is None or length == frames:
+            return super().student_clip(data, noise, grad=grad, simulate=simulate)
+        if length < frames:
+            raise ValueError(f"SelfForcingConfig.rollout_frames={length} is shorter than the clip's {frames} frames.")
+        extra = self.draws.randn_like(noise.new_empty(*noise.shape[:2], length - frames, *noise.shape[3:]))
+        long = DistillBatch(data.x0, extend_condition(data.condition, length),
+                            extend_condition(data.uncondition, length), data.raw)
+        G = self.student_sample(long, torch.cat([noise, extra], dim=2), grad=grad, simulate=simulate)[:, :, -frames:]
+        window = DistillBatch(data.x0, window_condition(data.condition, G), window_condition(data.uncondition, G),
+                              data.raw)
+        return G, window
+
     def student_sample(self, data: DistillBatch, noise: Tensor, *, grad: bool, simulate: bool = True) -> Tensor:
         """The student's rollout ``G`` (B, C, T, H, W) from unit-normal ``noise`` (the module docstring); with
         ``simulate=False`` every chunk runs all K steps (the inference rollout)."""
@@ -118,18 +149,18 @@ class SelfForcingMixin(DMD2Mixin):
             chunk_bounds(frames, self.chunk_size))
         self.clear_kv_cache(self.net)
         chunks = stream_causal(
-            self._rollout_denoiser(data, exits, grad), noise, self.student_times(), chunk_size=self.chunk_size,
+            self._rollout_denoiser(data, frames, exits, grad), noise, self.student_times(), chunk_size=self.chunk_size,
             sigma_data=self.sigma_data, renoise=config.renoise, context_time=config.context_noise, exits=exits,
             randn_like=self.draws.randn_like,
         )
         return torch.cat([chunk.x0 for chunk in chunks], dim=2)
 
     def _rollout_denoiser(
-        self, data: DistillBatch, exits: list[int], grad: bool
+        self, data: DistillBatch, frames: int, exits: list[int], grad: bool
     ) -> Callable[[Tensor, Tensor, int, bool], Tensor]:
         """The student's chunk denoiser of one rollout: gradient only at a chunk's exit step (from
         ``start_gradient_frame`` on); the cache refresh never."""
-        starts = [start for start, _ in chunk_bounds(data.x0.shape[2], self.chunk_size)]
+        starts = [start for start, _ in chunk_bounds(frames, self.chunk_size)]
         steps = dict.fromkeys(starts, 0)
         first = self.distill_config.start_gradient_frame  # type: ignore[attr-defined]
 
