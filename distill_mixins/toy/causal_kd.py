@@ -43,10 +43,11 @@ from distill_mixins.toy.evalset import (
     held_out,
     run_sampler,
     teacher_sampler,
+    teacher_samples_file,
     teacher_settings,
     usable_samples,
 )
-from distill_mixins.toy.train import DIT_WEIGHTS, load_toy_teacher
+from distill_mixins.toy.train import dit_teacher_file, load_toy_teacher
 from distill_mixins.trainer import DistillationTrainer, MapStyleData, TrainerConfig
 
 
@@ -82,18 +83,12 @@ class CausalKDRunConfig:
         if not self.lr > 0:
             raise ValueError(f"CausalKDRunConfig.lr={self.lr} must be > 0.")
         check_precision(self.precision, "CausalKDRunConfig.precision")
-        weights = Path(self.teacher_weights) if self.teacher_weights else DIT_WEIGHTS
-        if not weights.is_file():
-            raise ValueError(
-                f"CausalKDRunConfig.teacher_weights: {weights} is not a file: train the transformer teacher with "
-                "`distill-mixins toy-teacher --arch dit --out runs/toy-dit-teacher` and pass "
-                "runs/toy-dit-teacher/toy_dit_teacher.safetensors."
-            )
+        dit_teacher_file(self.teacher_weights, "CausalKDRunConfig.teacher_weights")
 
     @property
     def weights(self) -> Path:
         """The teacher's weights file."""
-        return Path(self.teacher_weights) if self.teacher_weights else DIT_WEIGHTS
+        return dit_teacher_file(self.teacher_weights, f"{type(self).__name__}.teacher_weights")
 
     @classmethod
     def quick(cls, **overrides: Any) -> CausalKDRunConfig:
@@ -167,7 +162,7 @@ def evaluate(model: ToyCausalKD, config: CausalKDRunConfig) -> CausalKDResult:
     floor = frechet_video_distance(held.video, reference.video, net=net)
     noise = eval_noise(config.eval_clips, tuple(held.video.shape[1:]), NOISE_SEED)
     shipped = usable_samples(teacher_settings(config.weights, config.teacher_steps, config.guidance),
-                             config.eval_clips, 0, path=config.weights.with_suffix(".eval.safetensors.xz"))
+                             config.eval_clips, 0, path=teacher_samples_file(config.weights))
     figures = {}
     for name, sampler in samplers(model, config).items():
         if name == "teacher_cfg" and shipped is not None:

@@ -39,16 +39,14 @@ from distill_mixins.precision import PrecisionReport, autocast, check_precision,
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.curve import CurvePoint, steps_curve
 from distill_mixins.toy.evalset import (
-    AGAIN_SEED,
-    NOISE_SEED,
-    REFERENCE_SEED,
+    HeldOutSet,
     Sampler,
     SpotCheck,
     TeacherSamples,
-    eval_noise,
     held_out,
+    held_out_set,
     run_sampler,
-    spot_check,
+    spot_checked,
     teacher_sampler,
     teacher_settings,
     usable_samples,
@@ -471,46 +469,36 @@ def generate(
 
 
 def checked_teacher(
-    model: Student, sampler: Sampler, shipped: TeacherSamples, config: DemoConfig, noise: Tensor
+    model: Student, sampler: Sampler, shipped: TeacherSamples, config: DemoConfig, held: HeldOutSet
 ) -> tuple[Generated, SpotCheck]:
     """The shipped teacher clips, after re-sampling the first ``spot_check`` conditions (which also times the
     teacher); raises when the fresh clips disagree with the shipped ones."""
-    n, k, s = config.eval_clips, config.diversity_clips, min(config.spot_check, config.eval_clips)
-    fresh = run_sampler(model, sampler, held_out(n).head(s), noise[:s], batch=config.sample_batch,
-                        precision=config.precision, desc="teacher_36step_cfg (spot check)")
-    check = spot_check(fresh.clips, shipped.clips[:s])
-    logger.info("teacher spot check: {}", check)
-    if not check.ok:
-        raise RuntimeError(
-            f"the shipped teacher samples disagree with this teacher's fresh samples ({check}): regenerate them with "
-            "`distill-mixins toy-teacher-samples --out distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz`, "
-            "or run the demo with --fresh-teacher"
-        )
+    fresh, check = spot_checked(
+        model, sampler, shipped, held, spot=config.spot_check, batch=config.sample_batch, precision=config.precision,
+        remedy="regenerate them with `distill-mixins toy-teacher-samples --out "
+        "distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz`, or run the demo with --fresh-teacher",
+    )
+    n, k = config.eval_clips, config.diversity_clips
     return Generated(shipped.clips[:n], shipped.again[:k], fresh.latency_s_per_clip), check
 
 
 def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     """Metrics of every sampler on held-out conditions (see :class:`Evaluation`)."""
     from distill_mixins.eval.motion import diversity_stats
-    from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
+    from distill_mixins.eval.video import evaluate_clips
 
-    held = held_out(config.eval_clips)
-    reference = make_clips(config.eval_clips, REFERENCE_SEED)
-    feature_net = VideoFeatureNet()
-    floor = frechet_video_distance(held.video, reference.video, net=feature_net)
-    shape = tuple(held.video.shape[1:])
-    noise = eval_noise(config.eval_clips, shape, NOISE_SEED)
-    again_noise = eval_noise(config.diversity_clips, shape, AGAIN_SEED)
+    held_set = held_out_set(config.eval_clips, config.diversity_clips)
+    held, noise, again_noise = held_set.clips, held_set.noise, held_set.again_noise
     shipped = shipped_teacher(config)
     source: dict[str, Any] = {"source": "sampled in this run"}
     results, clips, again = {}, {}, {}
     for name, (sampler, nfe) in samplers(model, config).items():
         if name == "teacher_36step_cfg" and shipped is not None:
-            run, check = checked_teacher(model, sampler, shipped, config, noise)
+            run, check = checked_teacher(model, sampler, shipped, config, held_set)
             source = {"source": "shipped", "spot_check": asdict(check), "made_by": shipped.metadata.get("command", "")}
         else:
             run = generate(model, sampler, name, config, noise, again_noise)
-        figures = evaluate_clips(run.clips, reference.video, held.prompts, net=feature_net)
+        figures = evaluate_clips(run.clips, held_set.reference, held.prompts, net=held_set.feature_net)
         k = config.diversity_clips
         spread = diversity_stats(run.clips[:k], run.again, held.prompts[:k])
         results[name] = SamplerMetrics(
@@ -522,7 +510,7 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
         clips[name], again[name] = run.clips, run.again
         logger.info("{}: {}", name, results[name])
     clips["ground_truth"] = held.video
-    return Evaluation(results, floor, clips, held.prompts, source, again)
+    return Evaluation(results, held_set.fd_floor, clips, held.prompts, source, again)
 
 
 def run_demo(config: DemoConfig) -> DemoResult:

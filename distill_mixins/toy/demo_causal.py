@@ -39,18 +39,21 @@ from distill_mixins.toy.causal_dit import ToyCausalDiT, ToyCausalVideo2World
 from distill_mixins.toy.clips import ToyClips, make_clips, render_specs
 from distill_mixins.toy.demo import TRAIN_SEED, TRAINER_AUTOCAST
 from distill_mixins.toy.evalset import (
-    AGAIN_SEED,
     NOISE_SEED,
     REFERENCE_SEED,
+    HeldOutSet,
     Sampler,
     eval_noise,
     held_out,
+    held_out_set,
     run_sampler,
+    spot_checked,
     teacher_sampler,
+    teacher_samples_file,
     teacher_settings,
     usable_samples,
 )
-from distill_mixins.toy.train import DIT_WEIGHTS, load_toy_teacher
+from distill_mixins.toy.train import dit_teacher_file, load_toy_teacher
 from distill_mixins.trainer import FunctionData
 from distill_mixins.trainer.pipeline import SelfForcingPipeline, run_pipeline
 from distill_mixins.trainer.stages import EMA_FILE, STUDENT_FILE
@@ -88,6 +91,8 @@ class CausalDemoConfig:
     rollouts: tuple[int, ...] = (2, 4)
     """Long rollouts, as multiples of the 8-frame training length."""
     timing_repeats: int = 3
+    spot_check: int = 16
+    """Held-out conditions the teacher re-samples to check its shipped samples (and to be timed)."""
     sample_batch: int = 64
     precision: str = "auto"
     seed: int = 0
@@ -96,7 +101,7 @@ class CausalDemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("pairs", "teacher_steps", "kd_batch", "sf_batch", "sf_update_freq", "eval_clips",
-                     "diversity_clips", "long_clips", "timing_repeats", "sample_batch"):
+                     "diversity_clips", "long_clips", "timing_repeats", "spot_check", "sample_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CausalDemoConfig.{name}={getattr(self, name)} must be >= 1.")
         for name in ("kd_iterations", "sf_iterations"):
@@ -113,17 +118,12 @@ class CausalDemoConfig:
             raise ValueError(f"CausalDemoConfig.rollouts={self.rollouts}: give whole multiples >= 2 of the "
                              f"{WINDOW}-frame training length, e.g. (2, 4).")
         check_precision(self.precision, "CausalDemoConfig.precision")
-        if not self.weights.is_file():
-            raise ValueError(
-                f"CausalDemoConfig.teacher_weights: {self.weights} is not a file: train the transformer teacher with "
-                "`distill-mixins toy-teacher --arch dit --out runs/toy-dit-teacher` and pass "
-                "runs/toy-dit-teacher/toy_dit_teacher.safetensors."
-            )
+        dit_teacher_file(self.teacher_weights, "CausalDemoConfig.teacher_weights")
 
     @property
     def weights(self) -> Path:
         """The teacher's weights file."""
-        return Path(self.teacher_weights) if self.teacher_weights else DIT_WEIGHTS
+        return dit_teacher_file(self.teacher_weights, f"{type(self).__name__}.teacher_weights")
 
     @classmethod
     def quick(cls, **overrides: Any) -> CausalDemoConfig:
@@ -131,7 +131,7 @@ class CausalDemoConfig:
         values: dict[str, Any] = {
             "out": "runs/demo-causal-quick", "pairs": 16, "teacher_steps": 8, "kd_iterations": 4, "kd_batch": 4,
             "sf_iterations": 4, "sf_batch": 2, "eval_clips": 16, "diversity_clips": 8, "long_clips": 8,
-            "timing_repeats": 1, "sample_batch": 16, "time_goal_s": 120.0,
+            "timing_repeats": 1, "spot_check": 2, "sample_batch": 16, "time_goal_s": 120.0,
         }
         return cls(**{**values, **overrides})
 
@@ -382,20 +382,25 @@ class CausalEvaluation:
     teacher_samples: dict[str, Any]
 
 
-def _teacher_clips(students: Students, config: CausalDemoConfig, held: ToyClips, noise: Tensor,
-                   again_noise: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """The teacher's clips (N, ...) and its second-noise clips (K, ...): the shipped ones when they match, else
-    sampled here."""
+def _teacher_clips(
+    students: Students, config: CausalDemoConfig, held: HeldOutSet
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """The teacher's clips (N, ...) and its second-noise clips (K, ...): the shipped ones when they match its
+    weights and settings (the first ``spot_check`` re-sampled and compared), else sampled here."""
     shipped = usable_samples(teacher_settings(config.weights, config.teacher_steps, config.guidance),
-                             config.eval_clips, config.diversity_clips,
-                             path=config.weights.with_suffix(".eval.safetensors.xz"))
-    if shipped is not None:
-        return (shipped.clips[: config.eval_clips], shipped.again[: config.diversity_clips],
-                {"source": "shipped", "made_by": shipped.metadata.get("command", "")})
+                             config.eval_clips, config.diversity_clips, path=teacher_samples_file(config.weights))
     sampler = teacher_sampler(students.model, config.teacher_steps, config.guidance)
-    first = run_sampler(students.model, sampler, held, noise, batch=config.sample_batch, precision=config.precision,
-                        desc="teacher_cfg")
-    again = run_sampler(students.model, sampler, held.head(config.diversity_clips), again_noise,
+    if shipped is not None:
+        _, check = spot_checked(
+            students.model, sampler, shipped, held, spot=config.spot_check, batch=config.sample_batch,
+            precision=config.precision, remedy=f"regenerate them with `distill-mixins toy-teacher-samples "
+            f"--teacher-weights {config.weights} --out {teacher_samples_file(config.weights)}`",
+        )
+        return (shipped.clips[: config.eval_clips], shipped.again[: config.diversity_clips],
+                {"source": "shipped", "spot_check": asdict(check), "made_by": shipped.metadata.get("command", "")})
+    first = run_sampler(students.model, sampler, held.clips, held.noise, batch=config.sample_batch,
+                        precision=config.precision, desc="teacher_cfg")
+    again = run_sampler(students.model, sampler, held.clips.head(config.diversity_clips), held.again_noise,
                         batch=config.sample_batch, precision=config.precision, desc="teacher_cfg (2nd)")
     return first.clips, again.clips, {"source": "sampled in this run"}
 
@@ -403,41 +408,37 @@ def _teacher_clips(students: Students, config: CausalDemoConfig, held: ToyClips,
 def evaluate(students: Students, config: CausalDemoConfig) -> CausalEvaluation:
     """Every sampler's figures (see :class:`CausalSamplerMetrics`)."""
     from distill_mixins.eval.motion import diversity_stats
-    from distill_mixins.eval.video import VideoFeatureNet, evaluate_clips, frechet_video_distance
+    from distill_mixins.eval.video import evaluate_clips
 
-    held = held_out(config.eval_clips)
-    reference = make_clips(config.eval_clips, REFERENCE_SEED)
-    net = VideoFeatureNet()
-    floor = frechet_video_distance(held.video, reference.video, net=net)
-    shape = tuple(held.video.shape[1:])
-    noise = eval_noise(config.eval_clips, shape, NOISE_SEED)
-    again_noise = eval_noise(config.diversity_clips, shape, AGAIN_SEED)
-    timing = timings(students, config, held, noise)
+    held = held_out_set(config.eval_clips, config.diversity_clips)
+    timing = timings(students, config, held.clips, held.noise)
     k = config.diversity_clips
     figures, clips, source = {}, {}, {}
     for name in SAMPLERS:
         if name == "teacher_cfg":
-            first, again, source = _teacher_clips(students, config, held, noise, again_noise)
+            first, again, source = _teacher_clips(students, config, held)
         else:
-            first = run_sampler(students.model, students.sampler(name), held, noise, batch=config.sample_batch,
+            sampler = students.sampler(name)
+            first = run_sampler(students.model, sampler, held.clips, held.noise, batch=config.sample_batch,
                                 precision=config.precision, desc=name).clips
-            again = run_sampler(students.model, students.sampler(name), held.head(k), again_noise,
+            again = run_sampler(students.model, sampler, held.clips.head(k), held.again_noise,
                                 batch=config.sample_batch, precision=config.precision, desc=f"{name} (2nd)").clips
-        metrics = evaluate_clips(first, reference.video, held.prompts, net=net)
-        spread = diversity_stats(first[:k], again, held.prompts[:k])
+        metrics = evaluate_clips(first, held.reference, held.clips.prompts, net=held.feature_net)
+        spread = diversity_stats(first[:k], again, held.clips.prompts[:k])
+        first_chunk, fps = timing[name]
         figures[name] = CausalSamplerMetrics(
             fd=metrics.fd, prompt_adherence=metrics.prompt_adherence,
             temporal_consistency=metrics.temporal_consistency, diversity=spread.mean,
-            diversity_stderr=spread.stderr, seconds_per_clip=timing[name][0] if name == "teacher_cfg" else
-            WINDOW / timing[name][1], first_chunk_s=timing[name][0], frames_per_s=timing[name][1],
+            diversity_stderr=spread.stderr, seconds_per_clip=WINDOW / fps, first_chunk_s=first_chunk,
+            frames_per_s=fps,
         )
         clips[name] = first
         logger.info("{}: {}", name, figures[name])
-    rollouts, longest = long_rollouts(students, config, net)
+    rollouts, longest = long_rollouts(students, config, held.feature_net)
     for name, figures_long in rollouts.items():
         figures[name].long = figures_long
-    clips["ground_truth"] = held.video
-    return CausalEvaluation(figures, floor, clips, longest, source)
+    clips["ground_truth"] = held.clips.video
+    return CausalEvaluation(figures, held.fd_floor, clips, longest, source)
 
 
 def run_demo_causal(config: CausalDemoConfig) -> CausalDemoResult:

@@ -67,6 +67,33 @@ def from_8bit(clips: Tensor) -> Tensor:
 
 
 @dataclass
+class HeldOutSet:
+    """What every sampler is scored on: the first ``n`` held-out conditions (``clips``), ``n`` held-out real clips
+    (``reference``), the FD feature network and the real-vs-real FD floor, each condition's sampling noise (n, C, T,
+    H, W) and the second noise of the first ``again`` (diversity)."""
+
+    clips: ToyClips
+    reference: Tensor
+    feature_net: Any
+    fd_floor: float
+    noise: Tensor
+    again_noise: Tensor
+
+
+def held_out_set(n: int, again: int) -> HeldOutSet:
+    """The :class:`HeldOutSet` of ``n`` conditions, ``again`` of them with a second noise."""
+    from distill_mixins.eval.video import VideoFeatureNet, frechet_video_distance
+
+    held = held_out(n)
+    reference = make_clips(n, REFERENCE_SEED)
+    net = VideoFeatureNet()
+    floor = frechet_video_distance(held.video, reference.video, net=net)
+    shape = tuple(held.video.shape[1:])
+    return HeldOutSet(held, reference.video, net, floor, eval_noise(n, shape, NOISE_SEED),
+                      eval_noise(again, shape, AGAIN_SEED))
+
+
+@dataclass
 class SamplerRun:
     """8-bit clips (N, 3, T, H, W) of one sampler, as floats in [-1, 1], and its sampling seconds per clip."""
 
@@ -165,6 +192,13 @@ def load_teacher_samples(path: str | Path = SAMPLES) -> TeacherSamples:
     return TeacherSamples(from_8bit(tensors["clips"]), from_8bit(tensors["again"]), settings, metadata)
 
 
+def teacher_samples_file(weights: str | Path) -> Path:
+    """The samples file of a teacher weights file: ``<stem>_eval.safetensors.xz`` beside it (the shipped UNet
+    teacher's is :data:`SAMPLES`)."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.stem}_eval.safetensors.xz")
+
+
 def usable_samples(
     settings: SampleSettings, clips: int, again: int, path: str | Path = SAMPLES
 ) -> TeacherSamples | None:
@@ -209,6 +243,23 @@ def spot_check(fresh: Tensor, shipped: Tensor, tolerance: float = 0.02) -> SpotC
     per_clip = (fresh - shipped).abs().flatten(1).mean(1)
     return SpotCheck(len(fresh), float(per_clip.mean()), float(per_clip.max()),
                      float((per_clip <= tolerance).float().mean()), tolerance)
+
+
+def spot_checked(
+    model: Any, sampler: Sampler, shipped: TeacherSamples, held: HeldOutSet, *, spot: int, batch: int, precision: str,
+    remedy: str,
+) -> tuple[SamplerRun, SpotCheck]:
+    """Re-sample the first ``spot`` held-out conditions with the teacher's ``sampler`` (which also times it) and
+    compare them with the shipped clips; raises a RuntimeError ending with ``remedy`` when they disagree."""
+    s = min(spot, len(held.clips))
+    fresh = run_sampler(model, sampler, held.clips.head(s), held.noise[:s], batch=batch, precision=precision,
+                        desc="teacher (spot check)")
+    check = spot_check(fresh.clips, shipped.clips[:s])
+    logger.info("teacher spot check: {}", check)
+    if not check.ok:
+        raise RuntimeError(f"the shipped teacher samples disagree with this teacher's fresh samples ({check}): "
+                           f"{remedy}")
+    return fresh, check
 
 
 def teacher_settings(weights: str | Path, steps: int, guidance: float) -> SampleSettings:

@@ -54,6 +54,18 @@ DEFAULT_LR = {"unet": 6e-4, "dit": 3e-3}
 docs/development.md)."""
 
 
+def dit_teacher_file(teacher_weights: str | None, owner: str) -> Path:
+    """The transformer teacher's weights file: ``teacher_weights``, or the shipped one when None; a ValueError naming
+    ``owner`` (the config field) and the command that trains it when the file is missing."""
+    path = Path(teacher_weights) if teacher_weights else DIT_WEIGHTS
+    if not path.is_file():
+        raise ValueError(
+            f"{owner}: {path} is not a file: train the transformer teacher with `distill-mixins toy-teacher --arch dit "
+            "--out runs/toy-dit-teacher` and pass runs/toy-dit-teacher/toy_dit_teacher.safetensors."
+        )
+    return path
+
+
 def make_network(arch: str) -> torch.nn.Module:
     """A fresh teacher network of ``arch`` (:data:`ARCHS`)."""
     if arch == "unet":
