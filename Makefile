@@ -19,9 +19,10 @@ demo: $(STAMP)  ## the main job: distill a 36-step CFG teacher into a 1-step stu
 demo-predict: $(STAMP)  ## the Cosmos-Predict2.5 recipe: a 4-step DMD2 student, no KD stage
 	$(VENV)/bin/distill-mixins demo --recipe predict2.5
 
-demo-quick: $(STAMP)  ## a short run of each demo recipe (CI smoke test)
+demo-quick: $(STAMP)  ## a short run of each demo recipe and of the causal demo (CI smoke test)
 	$(VENV)/bin/distill-mixins demo --quick --out runs/demo-quick
 	$(VENV)/bin/distill-mixins demo --quick --recipe predict2.5 --out runs/demo-predict2.5-quick
+	$(VENV)/bin/distill-mixins demo-causal --quick --out runs/demo-causal-quick
 
 test: $(STAMP)  ## lint, then the whole test suite (CPU, float32 or bf16 by the precision policy; under 10 minutes)
 	$(VENV)/bin/ruff check .
