@@ -13,6 +13,12 @@ import pytest
 import torch
 
 from distill_mixins import DistillationCoreMixin, DistillConfig
+from distill_mixins.precision import PRECISION_ENV
+
+# The suite runs in float32 on every CPU kind (make test's budget is set in float32): without this, `auto` picks bf16
+# on CPUs with AMX or AVX512-BF16, where FSDP2's bf16 parameters fail on gloo (docs/development.md, "Suite time").
+# Spawned test processes inherit it; tests of the policy itself clear it (tests/test_precision.py).
+os.environ.setdefault(PRECISION_ENV, "fp32")
 from distill_mixins.testing import MLPDenoiser, ToyHost, mixture_batch, ring_mixture
 from distill_mixins.trigflow import add_noise
 

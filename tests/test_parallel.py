@@ -108,8 +108,10 @@ def single() -> dict[str, dict[str, object]]:
 
 def assert_same(a: dict[str, object], b: dict[str, object], tol: float = 1e-5) -> None:
     assert a["losses"] == pytest.approx(b["losses"], rel=tol, abs=tol)
+    # gradient norms: relative 1e-4 (a sum-for-average bug is 2x): the GAN discriminator's norm differs by 2.3e-5
+    # relative between one process and two on an AMD EPYC CPU in float32 (reduction order), 0 on earlier CPUs
     for na, nb in zip(a["norms"], b["norms"], strict=True):
-        assert na.keys() == nb.keys() and all(na[k] == pytest.approx(nb[k], rel=tol, abs=tol) for k in na)
+        assert na.keys() == nb.keys() and all(na[k] == pytest.approx(nb[k], rel=1e-4, abs=tol) for k in na)
     for key in ("grads", "weights"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
