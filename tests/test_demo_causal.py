@@ -59,7 +59,9 @@ def test_the_demo_runs_the_library_pipeline_with_its_values(weights):
     assert kd.trainer["autocast"] == sf.trainer["autocast"] == "none"
     assert kd.method_config["student_optimizer"]["lr"] == 2e-4
     assert sf.method_config["student_optimizer"]["lr"] == 3e-6
-    assert sf.method_config["student_optimizer"]["betas"] == [0.0, 0.999]  # Self-Forcing's
+    assert sf.method_config["student_optimizer"]["betas"] == [0.0, 0.999]  # Self-Forcing's (DMD), critic too
+    assert sf.method_config["critic_optimizer"]["betas"] == [0.0, 0.999]
+    assert kd.method_config["student_optimizer"]["betas"] == [0.9, 0.99]
     assert kd.method_config["context_noise"] == sf.method_config["context_noise"] == 0.1
     assert kd.model_args == sf.model_args == {"teacher_weights": weights}
 

@@ -168,9 +168,12 @@ def conditions(model: Any, *, seed: int, batch_size: int) -> FunctionData:
     return FunctionData(batch)
 
 
-def _adamw(lr: float) -> dict[str, Any]:
-    return {"name": "adamw", "lr": lr, "betas": [0.0, 0.999] if lr < 1e-4 else [0.9, 0.99], "weight_decay": 0.0,
-            "grad_clip": 1.0}
+KD_BETAS, SF_BETAS = [0.9, 0.99], [0.0, 0.999]
+"""AdamW betas of CausalKD (regression) and of Self-Forcing's student and critic (the published DMD values)."""
+
+
+def _adamw(lr: float, betas: list[float]) -> dict[str, Any]:
+    return {"name": "adamw", "lr": lr, "betas": betas, "weight_decay": 0.0, "grad_clip": 1.0}
 
 
 def demo_pipeline(config: CausalDemoConfig) -> SelfForcingPipeline:
@@ -193,7 +196,7 @@ def demo_pipeline(config: CausalDemoConfig) -> SelfForcingPipeline:
         },
         "causal_kd": {
             "model": model, "model_args": model_args, "data_args": {"batch_size": config.kd_batch},
-            "method_config": {"student_optimizer": _adamw(config.kd_lr), "ema": {"halflife_steps": 50.0},
+            "method_config": {"student_optimizer": _adamw(config.kd_lr, KD_BETAS), "ema": {"halflife_steps": 50.0},
                               "context_noise": config.context_noise},
             "trainer": trainer(config.kd_iterations, config.kd_batch),
         },
@@ -202,7 +205,8 @@ def demo_pipeline(config: CausalDemoConfig) -> SelfForcingPipeline:
             "data_args": {"batch_size": config.sf_batch},
             "method_config": {
                 "guidance_scale": config.guidance, "student_update_freq": config.sf_update_freq,
-                "student_optimizer": _adamw(config.sf_student_lr), "critic_optimizer": _adamw(config.sf_critic_lr),
+                "student_optimizer": _adamw(config.sf_student_lr, SF_BETAS),
+                "critic_optimizer": _adamw(config.sf_critic_lr, SF_BETAS),
                 "ema": {"halflife_steps": 20.0}, "context_noise": config.context_noise,
             },
             "trainer": trainer(config.sf_iterations, config.sf_batch),
