@@ -460,7 +460,7 @@ def run_demo_causal(config: CausalDemoConfig) -> CausalDemoResult:
         tic = time.perf_counter()
         with autocast(config.precision) if stage == "ode-pairs" else nullcontext():
             done = run_pipeline(pipeline, stage)
-        if stage not in done and not (stage == "self-forcing" and "self-forcing" in done):
+        if stage not in done:
             raise RuntimeError(f"the causal demo's stage {stage} did not finish; run the same command again to "
                                "resume it")
         seconds[f"{stage}_s"] = time.perf_counter() - tic
