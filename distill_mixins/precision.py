@@ -76,8 +76,16 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> AbstractCont
     """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else nothing (float32)."""
     device = torch.device(device)
     if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return uncached_autocast(device.type, torch.bfloat16)
     return nullcontext()
+
+
+def uncached_autocast(device_type: str, dtype: torch.dtype) -> torch.autocast:
+    """``torch.autocast`` without its weight-cast cache. FSDP2 re-gathers a resharded network into the same
+    unsharded parameters at every forward, and the cache then hands a later, gradient-carrying forward the cast
+    made by an earlier one (e.g. under ``no_grad``): that network got no gradient (a DMD2 student under FSDP2 with
+    float32 parameters stayed untrained). Each use casts afresh instead."""
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
 
 
 def frozen_weights_for(precision: str, *nets: nn.Module, device: torch.device | str = "cpu") -> ExitStack:

@@ -46,6 +46,8 @@ from distill_mixins.trainer.signals import StopOnSignal
 from loguru import logger
 from torch import Tensor, nn
 
+from distill_mixins.precision import uncached_autocast
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS = "\0loss"  # the step's loss among the scalars averaged over ranks (a key no output uses)
 
@@ -281,7 +283,7 @@ class DistillationTrainer:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast == "none":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
+        return uncached_autocast(self.device.type, AUTOCAST_DTYPES[self.autocast])  # FSDP2-safe (no cast cache)
 
     def train_iteration(self, iteration: int) -> StepResult:
         """Run the ``grad_accum`` micro-batches of ``iteration`` in its phase, then step that phase."""

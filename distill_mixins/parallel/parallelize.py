@@ -82,10 +82,16 @@ def build_mesh(config: ParallelConfig, device_type: str) -> DeviceMesh:
 
 
 def mixed_precision(config: ParallelConfig, device: torch.device) -> tuple[MixedPrecisionPolicy, str]:
-    """FSDP2's policy for the resolved precision: bf16 compute with float32 gradient reduction, or float32."""
+    """FSDP2's policy for the resolved precision: bf16 compute with float32 gradient reduction, or float32. On the
+    CPU, float32 parameters either way (bf16 compute comes from the trainer's autocast): torch 2.13's FSDP2 on gloo
+    assigns the reduced bf16 gradient to the float32 shard and fails ("grad_dtype 'Float'")."""
     precision = resolve_precision(config.precision, device)
-    if precision == "bf16":
+    if precision == "bf16" and device.type != "cpu":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), precision
+    if precision == "bf16":
+        logger.info("parallelize: bf16 on the CPU keeps FSDP2's parameters in float32 (FSDP2 on gloo cannot reduce "
+                    "bf16 gradients into float32 shards); run the step under autocast (the trainer does) for bf16 "
+                    "compute")
     return MixedPrecisionPolicy(), precision
 
 
