@@ -82,9 +82,9 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> AbstractCont
 
 def uncached_autocast(device_type: str, dtype: torch.dtype) -> torch.autocast:
     """``torch.autocast`` without its weight-cast cache. FSDP2 re-gathers a resharded network into the same
-    unsharded parameters at every forward, and the cache then hands a later, gradient-carrying forward the cast
-    made by an earlier one (e.g. under ``no_grad``): that network got no gradient (a DMD2 student under FSDP2 with
-    float32 parameters stayed untrained). Each use casts afresh instead."""
+    unsharded parameters at every forward, and the cache then hands a later forward the cast made by an earlier one:
+    in a DMD2 student phase (the student runs more than once) under FSDP2 with float32 parameters, the student got
+    no gradient and stayed untrained. Each use casts afresh instead."""
     return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
 
 

@@ -118,3 +118,23 @@ def test_denoiser_distillation_target_known_answers(tmp_path):
         assert loss(target).item() == 0.0 and loss(None).item() > 1e-4
     with pytest.raises(ValueError, match="TeacherTrainConfig.target_teacher='nope' is not a file"):
         TeacherTrainConfig(target_teacher="nope")
+
+
+def test_fine_tuning_starts_from_the_weights_and_checks_them(tmp_path):
+    """``init_weights``: a 1-iteration run at lr ~0 from the shipped UNet writes (to bf16) the same weights; a file of
+    another arch or a missing file is refused naming the field; ``logit_mean`` moves the logit-normal times (its
+    median is sigmoid(mean))."""
+    from safetensors.torch import load_file
+
+    from distill_mixins.toy.train import DIT_WEIGHTS, TeacherTrainConfig, sample_tau, train_toy_teacher
+
+    config = TeacherTrainConfig(iterations=1, batch_size=2, precision="fp32", lr=1e-30, init_weights=str(WEIGHTS))
+    written, shipped = load_file(str(train_toy_teacher(tmp_path, config))), load_file(str(WEIGHTS))
+    assert written.keys() == shipped.keys()
+    assert all(torch.equal(written[k], shipped[k]) for k in shipped)
+    with pytest.raises(ValueError, match=r"init_weights=.* holds a 'dit' teacher, not the arch='unet'"):
+        train_toy_teacher(tmp_path / "b", TeacherTrainConfig(iterations=1, init_weights=str(DIT_WEIGHTS)))
+    with pytest.raises(ValueError, match="TeacherTrainConfig.init_weights='nope' is not a file"):
+        TeacherTrainConfig(init_weights="nope")
+    tau = sample_tau(20_000, 0.0, torch.Generator().manual_seed(0), logit_mean=1.0)
+    assert abs(tau.median().item() - 1 / (1 + math.exp(-1.0))) < 0.01

@@ -107,6 +107,10 @@ def register(commands: Any) -> None:
         help="regress this toy teacher's denoiser instead of the data (e.g. the shipped UNet teacher's "
         "distill_mixins/toy/weights/toy_teacher.safetensors): fewer iterations for a new network",
     )
+    parser.add_argument("--init-weights", dest="init_weights", default=None,
+                        help="start from this toy teacher weights file of the same arch (fine-tuning)")
+    parser.add_argument("--logit-mean", dest="logit_mean", type=float, default=None,
+                        help="mean of the logit-normal training times (default 0; > 0: more high-noise times)")
     parser.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
                         help="the same as --precision fp32")
     parser.set_defaults(func=_toy_teacher)

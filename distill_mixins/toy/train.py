@@ -92,7 +92,13 @@ class TeacherTrainConfig:
     p_uncond: float = 0.1
     tau_floor: float = 0.05
     uniform_fraction: float = 0.3
-    """Share of the batch with tau ~ U(0, 1); the rest is logit-normal(0, 1)."""
+    """Share of the batch with tau ~ U(0, 1); the rest is logit-normal(``logit_mean``, 1)."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal times: > 0 puts more of the batch at high noise, where the sampler decides which of
+    the speeds the prompt leaves open a clip takes."""
+    init_weights: str | None = None
+    """A toy teacher weights file of the same arch to start from (fine-tuning; its EMA starts there too). None: a
+    fresh network. A resumed run ignores it (the run's state wins)."""
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "auto"
@@ -114,6 +120,9 @@ class TeacherTrainConfig:
             raise ValueError(f"TeacherTrainConfig.target_teacher={self.target_teacher!r} is not a file: give a toy "
                              "teacher safetensors file (e.g. the shipped distill_mixins/toy/weights/"
                              "toy_teacher.safetensors), or leave it unset to train on the data.")
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            raise ValueError(f"TeacherTrainConfig.init_weights={self.init_weights!r} is not a file: give a toy teacher "
+                             "safetensors file of the same arch, or leave it unset to start from scratch.")
         if self.arch not in ARCHS:
             raise ValueError(f"TeacherTrainConfig.arch={self.arch!r} is not known; use one of {', '.join(ARCHS)}.")
         for name in ("iterations", "batch_size", "save_every"):
@@ -127,10 +136,10 @@ class TeacherTrainConfig:
             raise ValueError("TeacherTrainConfig.lr, tau_floor and ema_halflife must be > 0.")
 
 
-def sample_tau(n: int, uniform_fraction: float, generator: torch.Generator) -> Tensor:
-    """Training times tau (n,): a uniform share, the rest logit-normal(0, 1) (Esser et al. 2024)."""
+def sample_tau(n: int, uniform_fraction: float, generator: torch.Generator, logit_mean: float = 0.0) -> Tensor:
+    """Training times tau (n,): a uniform share, the rest logit-normal(logit_mean, 1) (Esser et al. 2024)."""
     uniform = torch.rand(n, generator=generator)
-    logit = torch.sigmoid(torch.randn(n, generator=generator))
+    logit = torch.sigmoid(torch.randn(n, generator=generator) + logit_mean)
     pick = torch.rand(n, generator=generator) < uniform_fraction
     return torch.where(pick, uniform, logit).clamp(1e-4, 1.0)
 
@@ -165,7 +174,7 @@ def teacher_loss(
     used = [p if k else "" for p, k in zip(prompts, keep.tolist(), strict=True)]
     with torch.no_grad():  # the text encoder is frozen
         text = host.embed_prompts(used)
-    tau = sample_tau(b, config.uniform_fraction, generator)
+    tau = sample_tau(b, config.uniform_fraction, generator, config.logit_mean)
     eps = torch.randn(x0.shape, generator=generator)
     tb = tau[:, None, None, None, None]
     mask = first_frame_mask(b, frames)
@@ -229,6 +238,18 @@ def load_toy_teacher(path: str | Path | None = None, *, dtype: torch.dtype = tor
     return host.to(dtype)
 
 
+def _start_from(host: ToyVideo2World, path: str, arch: str) -> None:
+    """Load the teacher weights file ``path`` (network and text encoder) into ``host``; a ValueError when its arch is
+    not ``arch``."""
+    if teacher_arch(path) != arch:
+        raise ValueError(f"TeacherTrainConfig.init_weights={path!r} holds a {teacher_arch(path)!r} teacher, not the "
+                         f"arch={arch!r} being trained: pass --arch {teacher_arch(path)} or another file.")
+    start = load_toy_teacher(path)
+    host.net.load_state_dict(start.net.state_dict())
+    host.text_encoder.load_state_dict(start.text_encoder.state_dict())
+    logger.info("toy teacher: starting from {}", path)
+
+
 @torch.no_grad()
 def _update_ema(ema: ToyVideo2World, host: ToyVideo2World, beta: float) -> None:
     for p_ema, p in zip(ema.net.parameters(), host.net.parameters(), strict=True):
@@ -244,6 +265,8 @@ def train_toy_teacher(out_dir: str | Path, config: TeacherTrainConfig, *, comman
     (out / "teacher_config.json").write_text(json.dumps(recorded, indent=2))
     torch.manual_seed(config.seed)
     host = ToyVideo2World(make_network(config.arch), ToyTextEncoder())
+    if config.init_weights is not None:
+        _start_from(host, config.init_weights, config.arch)
     host.text_encoder.requires_grad_(False)
     ema = copy.deepcopy(host).requires_grad_(False)
     opt = torch.optim.AdamW(host.net.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
