@@ -84,3 +84,24 @@ def test_fresh_teacher_samples_reproduce_the_shipped_ones(precision):
     fresh = run_sampler(model, teacher_sampler(model, 36, 3.0), clips, noise, batch=2, precision=precision, desc="t")
     check = spot_check(fresh.clips, load_teacher_samples().clips[:2])
     assert check.ok and check.mean_abs < 0.005, check
+
+
+def test_shipped_transformer_teacher_samples_match_it_and_reproduce():
+    """The causal pipeline's teacher's shipped samples: made by it with demo-causal's settings, in float32, 1,024 + at
+    least the diversity clips; two conditions re-sampled in float32 on its causal host give the shipped clips."""
+    from distill_mixins.toy.cli import sampling_model
+    from distill_mixins.toy.demo_causal import CausalDemoConfig
+    from distill_mixins.toy.evalset import NOISE_SEED, run_sampler, teacher_sampler, teacher_samples_file
+    from distill_mixins.toy.train import DIT_WEIGHTS, load_toy_teacher
+
+    config, path = CausalDemoConfig(), teacher_samples_file(DIT_WEIGHTS)
+    samples = load_teacher_samples(path)
+    assert samples.settings == teacher_settings(DIT_WEIGHTS, config.teacher_steps, config.guidance)
+    assert samples.clips.shape == (1024, 3, 8, 32, 32) and samples.again.shape[0] >= config.diversity_clips
+    assert path.stat().st_size < 12e6 and samples.metadata["precision"] == "fp32"
+    model = sampling_model(load_toy_teacher(DIT_WEIGHTS)).eval()
+    clips = held_out(2)
+    noise = eval_noise(2, tuple(clips.video.shape[1:]), NOISE_SEED)
+    fresh = run_sampler(model, teacher_sampler(model, 36, 3.0), clips, noise, batch=2, precision="fp32", desc="t")
+    check = spot_check(fresh.clips, samples.clips[:2])
+    assert check.ok and check.mean_abs < 0.005, check

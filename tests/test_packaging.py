@@ -32,6 +32,7 @@ def test_wheel_maps_trainer_and_checkpointer_into_the_namespace(tmp_path):
     assert "distill_mixins/toy/weights/toy_teacher.safetensors" in names  # the shipped toy teacher
     assert "distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz" in names  # its held-out samples
     assert "distill_mixins/toy/weights/toy_dit_teacher.safetensors" in names  # the causal pipeline's teacher
+    assert "distill_mixins/toy/weights/toy_dit_teacher_eval.safetensors.xz" in names  # its held-out samples
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "distill-mixins = distill_mixins.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
