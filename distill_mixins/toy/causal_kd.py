@@ -65,7 +65,8 @@ class CausalKDRunConfig:
     pairs: int = 512
     teacher_steps: int = 36
     guidance: float = 3.0
-    iterations: int = 400
+    iterations: int = 1000
+    """CausalKD iterations (1,000: 522 s of training in float32 on a 2-core AVX512 CPU, inside the 10-minute goal)."""
     batch_size: int = 16
     lr: float = 1e-4
     context_noise: float = 0.0

@@ -18,6 +18,7 @@ Resumable: a re-run of the same command skips the finished stages (the evaluatio
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import statistics
 import time
@@ -285,15 +286,24 @@ class Students:
         logger.info("evaluating {} ({})", path, "EMA" if path.name == EMA_FILE else "raw student")
         return net.eval().requires_grad_(False)
 
-    def stream(self, name: str, condition: Any, noise: Tensor, seed: int = 0) -> Iterator[StreamedChunk]:
-        """The student ``name``'s chunks of one batch, each as it finishes."""
+    def stream(self, name: str, condition: Any, noise: Tensor) -> Iterator[StreamedChunk]:
+        """The student ``name``'s chunks of one batch, each as it finishes; the fresh re-noising draws are seeded by
+        the initial ``noise`` (:func:`noise_seed`), so another noise of a condition gets other draws."""
         return generate_causal(self.model, condition, noise, net=self.nets[name], renoise=self.renoise[name],
                                context_time=self.context_time, stream=True,
-                               generator=torch.Generator().manual_seed(seed))
+                               generator=torch.Generator().manual_seed(noise_seed(noise)))
 
     def sampler(self, name: str) -> Sampler:
         """The student ``name`` as an evaluation-set sampler (whole clips)."""
         return lambda c, u, noise: torch.cat([chunk.x0 for chunk in self.stream(name, c, noise)], dim=2)
+
+
+def noise_seed(noise: Tensor) -> int:
+    """A seed (< 2**63) that is a function of the bytes of ``noise``: a stochastic sampler seeded by its initial
+    noise is reproducible, and two noises of one condition (the diversity figure) get independent draws (one fixed
+    seed gave both the same re-noising, which cut the Self-Forcing student's measured diversity ~10x)."""
+    digest = hashlib.sha256(noise.detach().cpu().contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def timed_stream(chunks: Iterator[StreamedChunk]) -> tuple[float, float, int]:
@@ -343,36 +353,38 @@ def long_rollouts(
 ) -> tuple[dict[str, dict[int, LongRollout]], dict[str, Tensor]]:
     """Each student's rollouts ``r x 8`` frames long on the first ``long_clips`` held-out conditions (the given
     first frame and the prompt as at 8 frames), scored window by window against longer real clips; with the
-    longest rollouts' clips (and the real ones, ``ground_truth``)."""
+    longest rollouts' clips (and the real ones, ``ground_truth``). One rollout of the longest length per student:
+    a causal rollout's first ``r x 8`` frames are its ``r x 8``-frame rollout, so each shorter length is scored on
+    that prefix."""
     from distill_mixins.eval.motion import prompt_adherence, temporal_consistency, track
     from distill_mixins.eval.video import frechet_video_distance
 
     held = held_out(config.long_clips)
+    longest_frames = max(config.rollouts) * WINDOW
+    real = render_specs(held.specs, longest_frames)
+    reference = make_clips(config.long_clips, REFERENCE_SEED, frames=longest_frames).video
+    noise = eval_noise(config.long_clips, (3, longest_frames, *real.shape[-2:]), NOISE_SEED)
+    rollouts = {name: run_sampler(students.model, students.sampler(name), ToyClips(real, held.prompts, held.specs),
+                                  noise, batch=config.sample_batch, precision=config.precision,
+                                  desc=f"{name} ({longest_frames} frames)").clips
+                for name in SAMPLERS[1:]}
     out: dict[str, dict[int, LongRollout]] = {name: {} for name in SAMPLERS[1:]}
-    longest: dict[str, Tensor] = {}
     for factor in config.rollouts:
         frames = factor * WINDOW
-        real = render_specs(held.specs, frames)
-        clips = ToyClips(real, held.prompts, held.specs)
-        reference = make_clips(config.long_clips, REFERENCE_SEED, frames=frames).video
-        noise = eval_noise(config.long_clips, (3, frames, *real.shape[-2:]), NOISE_SEED)
         windows = [slice(w * WINDOW, (w + 1) * WINDOW) for w in range(factor)]
         floors = [frechet_video_distance(real[:, :, w], reference[:, :, w], net=net) for w in windows]
-        for name in SAMPLERS[1:]:
-            run = run_sampler(students.model, students.sampler(name), clips, noise, batch=config.sample_batch,
-                              precision=config.precision, desc=f"{name} ({frames} frames)")
-            tracks = track(run.clips, held.prompts)
+        for name, rollout in rollouts.items():
+            clips = rollout[:, :, :frames]
+            tracks = track(clips, held.prompts)
             out[name][frames] = LongRollout(
                 frames=frames, clips=config.long_clips,
-                fd_windows=[frechet_video_distance(run.clips[:, :, w], reference[:, :, w], net=net) for w in windows],
+                fd_windows=[frechet_video_distance(clips[:, :, w], reference[:, :, w], net=net) for w in windows],
                 fd_floor_windows=floors,
-                prompt_adherence=prompt_adherence(run.clips, held.prompts, tracks=tracks),
-                temporal_consistency=temporal_consistency(run.clips, held.prompts, tracks=tracks),
+                prompt_adherence=prompt_adherence(clips, held.prompts, tracks=tracks),
+                temporal_consistency=temporal_consistency(clips, held.prompts, tracks=tracks),
             )
             logger.info("{} at {} frames: {}", name, frames, out[name][frames])
-            longest[name] = run.clips
-        longest["ground_truth"] = real
-    return out, longest
+    return out, {**rollouts, "ground_truth": real}
 
 
 @dataclass
