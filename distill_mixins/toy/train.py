@@ -94,8 +94,8 @@ class TeacherTrainConfig:
     uniform_fraction: float = 0.3
     """Share of the batch with tau ~ U(0, 1); the rest is logit-normal(``logit_mean``, 1)."""
     logit_mean: float = 0.0
-    """Mean of the logit-normal times: > 0 puts more of the batch at high noise, where the sampler decides which of
-    the speeds the prompt leaves open a clip takes."""
+    """Mean of the logit-normal times: > 0 puts more of the batch at high noise, where a sample's layout and motion
+    are decided."""
     init_weights: str | None = None
     """A toy teacher weights file of the same arch to start from (fine-tuning; its EMA starts there too). None: a
     fresh network. A resumed run ignores it (the run's state wins)."""
