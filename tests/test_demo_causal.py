@@ -15,6 +15,7 @@ from distill_mixins.toy.demo_causal import (
     CausalDemoResult,
     CausalSamplerMetrics,
     LongRollout,
+    Students,
     demo_pipeline,
     noise_seed,
     timed_stream,
@@ -123,3 +124,17 @@ def test_fresh_re_noising_is_seeded_by_the_initial_noise():
     b = torch.randn(2, 3, 8, 4, 4, generator=torch.Generator().manual_seed(1))
     assert noise_seed(a) == noise_seed(a.clone()) and noise_seed(a) != noise_seed(b)
     assert 0 <= noise_seed(a) < 2**63 and noise_seed(a[:1]) != noise_seed(a)
+
+    seeds = []
+
+    def fake_generate_causal(model, condition, noise, **kwargs):  # what the demo's student stream passes on
+        seeds.append(kwargs["generator"].initial_seed())
+        return iter(())
+
+    students = object.__new__(Students)  # only the attributes stream() reads
+    students.model, students.nets, students.renoise, students.context_time = None, {"sf": None}, {"sf": "fresh"}, 0.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("distill_mixins.toy.demo_causal.generate_causal", fake_generate_causal)
+        for noise in (a, a.clone(), b):
+            students.stream("sf", None, noise)
+    assert seeds == [noise_seed(a), noise_seed(a), noise_seed(b)]
