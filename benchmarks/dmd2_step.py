@@ -122,13 +122,19 @@ class Meter:
         return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main() -> None:
-    """Measure and print the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def network_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the device and the :class:`VideoNet` batch and sizes (shared by the DMD2 benchmarks)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--depth", type=int, default=6)
+    return parser
+
+
+def main() -> None:
+    """Measure and print the ratios."""
+    parser = network_arguments(__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--guidance", type=float, default=4.0, help="teacher CFG w (1 = no unconditional pass)")

@@ -20,6 +20,7 @@ NetworkSpec = nn.Module | Callable[[], nn.Module] | None
 ``None`` for a copy of the teacher."""
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_DECAYS = ("constant", "cosine", "linear")
 EMA_KINDS = ("halflife", "power")
 TIME_SAMPLERS = ("shifted_uniform", "lognormal", "logit_normal", "uniform")
 STUDENT_SCHEDULES = ("one_step", "cosmos_4step")
@@ -61,7 +62,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizer and learning-rate warm-up of one network."""
+    """Optimizer and learning-rate schedule of one network (warm-up, then constant or decayed)."""
 
     name: str = "adamw"
     lr: float = 1e-5
@@ -72,6 +73,14 @@ class OptimizerConfig:
     """Max gradient norm of this network; ``None`` measures the norm without clipping."""
     warmup_iters: int = 0
     """Linear learning-rate warm-up over this many steps of this network's optimizer."""
+    decay: str = "constant"
+    """After the warm-up: ``constant``, or a ``cosine`` / ``linear`` decay reaching ``min_lr_ratio * lr`` at step
+    ``decay_iters`` of this network's optimizer (constant after it)."""
+    decay_iters: int = 0
+    """The optimizer step where the decay ends (> ``warmup_iters``; a student updated every k-th iteration makes
+    ``iterations / k`` steps)."""
+    min_lr_ratio: float = 0.0
+    """The decay's final learning rate as a fraction of ``lr``, in [0, 1]."""
 
     def __post_init__(self) -> None:
         check_choice("OptimizerConfig", "name", self.name, OPTIMIZERS)
@@ -85,6 +94,23 @@ class OptimizerConfig:
             check_positive("OptimizerConfig", "grad_clip", self.grad_clip)
         if self.warmup_iters < 0:
             raise ValueError(f"OptimizerConfig.warmup_iters={self.warmup_iters} must be >= 0.")
+        check_choice("OptimizerConfig", "decay", self.decay, LR_DECAYS)
+        if self.decay != "constant" and self.decay_iters <= self.warmup_iters:
+            raise ValueError(f"OptimizerConfig.decay_iters={self.decay_iters} must be > warmup_iters="
+                             f"{self.warmup_iters} with decay={self.decay!r}: set the optimizer step where the "
+                             "decay ends.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"OptimizerConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at optimizer step ``step`` (0-based) as a fraction of ``lr``."""
+        if step < self.warmup_iters:
+            return (step + 1) / self.warmup_iters
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_iters) / (self.decay_iters - self.warmup_iters))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 
 
 @dataclass

@@ -83,9 +83,8 @@ def build_optimizer(net: nn.Module, config: OptimizerConfig, names: frozenset[st
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``config.warmup_iters`` steps, then constant."""
-    warmup = config.warmup_iters
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+    """The schedule of :meth:`OptimizerConfig.lr_factor`: linear warm-up, then constant or decayed."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step))
 
 
 class DistillationCoreMixin(TrigFlowMixin):

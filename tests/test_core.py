@@ -104,6 +104,35 @@ def test_lr_warmup_is_linear():
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
 
 
+def test_lr_decay_after_the_warmup():
+    """Cosine and linear decays reach min_lr_ratio at decay_iters and stay; the scheduler follows lr_factor."""
+    cosine = OptimizerConfig(lr=1.0, warmup_iters=2, decay="cosine", decay_iters=6, min_lr_ratio=0.2)
+    assert [cosine.lr_factor(n) for n in range(8)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.2 + 0.8 * (0.5 + 0.5 * math.cos(math.pi / 4)), 0.6,
+         0.2 + 0.8 * (0.5 - 0.5 * math.cos(math.pi / 4)), 0.2, 0.2])
+    linear = OptimizerConfig(lr=1.0, decay="linear", decay_iters=4)
+    assert [linear.lr_factor(n) for n in range(6)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    model = make_neural_model(student_update_freq=1, student_optimizer=linear)
+    opt = model.get_optimizers(0)[0]
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        model.get_lr_schedulers(0)[0].step()
+    assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"decay": "exp", "decay_iters": 10}, "OptimizerConfig.decay"),
+    ({"decay": "cosine"}, "OptimizerConfig.decay_iters"),
+    ({"decay": "linear", "warmup_iters": 10, "decay_iters": 10}, "OptimizerConfig.decay_iters"),
+    ({"min_lr_ratio": 1.5}, "OptimizerConfig.min_lr_ratio"),
+])
+def test_lr_decay_fields_are_checked(fields, named):
+    with pytest.raises(ValueError, match=named):
+        OptimizerConfig(**fields)
+
+
 def test_ema_moves_only_in_student_phases(batch):
     model = make_neural_model(ema=EMAConfig(kind="halflife", halflife_steps=1.0))
     for iteration in range(10):
