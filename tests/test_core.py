@@ -93,15 +93,20 @@ def test_get_optimizers_returns_only_the_current_phase():
     assert len(model.get_lr_schedulers(0)) == 1 and model.get_lr_schedulers(0)[0].optimizer is student_opt
 
 
-def test_lr_warmup_is_linear():
-    model = make_neural_model(student_update_freq=1, student_optimizer=OptimizerConfig(lr=1.0, warmup_iters=4))
+def scheduled_lrs(optimizer: OptimizerConfig, steps: int) -> list[float]:
+    """The student's learning rate at each of ``steps`` optimizer steps of a model built with ``optimizer``."""
+    model = make_neural_model(student_update_freq=1, student_optimizer=optimizer)
     opt = model.get_optimizers(0)[0]
     lrs = []
-    for _ in range(6):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         model.get_lr_schedulers(0)[0].step()
-    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    return lrs
+
+
+def test_lr_warmup_is_linear():
+    assert scheduled_lrs(OptimizerConfig(lr=1.0, warmup_iters=4), 6) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
 
 
 def test_lr_decay_after_the_warmup():
@@ -112,14 +117,7 @@ def test_lr_decay_after_the_warmup():
          0.2 + 0.8 * (0.5 - 0.5 * math.cos(math.pi / 4)), 0.2, 0.2])
     linear = OptimizerConfig(lr=1.0, decay="linear", decay_iters=4)
     assert [linear.lr_factor(n) for n in range(6)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
-    model = make_neural_model(student_update_freq=1, student_optimizer=linear)
-    opt = model.get_optimizers(0)[0]
-    lrs = []
-    for _ in range(6):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        model.get_lr_schedulers(0)[0].step()
-    assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    assert scheduled_lrs(linear, 6) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
 
 
 @pytest.mark.parametrize(("fields", "named"), [
