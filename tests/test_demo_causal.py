@@ -34,6 +34,7 @@ def weights(tmp_path) -> str:
     ("pairs", 0, "CausalDemoConfig.pairs=0 must be >= 1"),
     ("sf_iterations", 0, "CausalDemoConfig.sf_iterations=0 must be >= 1"),
     ("kd_lr", 0.0, "CausalDemoConfig.kd_lr=0.0 must be > 0"),
+    ("sf_guidance", 0.0, "CausalDemoConfig.sf_guidance=0.0 must be > 0"),
     ("rollouts", (1,), "CausalDemoConfig.rollouts=(1,): give whole multiples >= 2"),
     ("diversity_clips", 2000, "CausalDemoConfig.diversity_clips=2000 must be <= eval_clips=1024"),
     ("precision", "fp16", "precision"),
@@ -66,6 +67,15 @@ def test_the_demo_runs_the_library_pipeline_with_its_values(weights):
     assert kd.method_config["student_optimizer"]["betas"] == [0.9, 0.99]
     assert kd.method_config["context_noise"] == sf.method_config["context_noise"] == 0.1
     assert kd.model_args == sf.model_args == {"teacher_weights": weights}
+    assert sf.method_config["guidance_scale"] == 3.0 and sf.method_config["student_update_freq"] == 2
+
+
+def test_self_forcing_guidance_and_pace_are_its_own(weights):
+    config = CausalDemoConfig(teacher_weights=weights, guidance=3.0, sf_guidance=2.0, sf_update_freq=5)
+    pipeline = demo_pipeline(config)
+    sf = pipeline.run_config().stages[1]
+    assert (sf.method_config["guidance_scale"], sf.method_config["student_update_freq"]) == (2.0, 5)
+    assert pipeline.ode_pairs.kd_data["guidance"] == 3.0  # the ODE pairs keep the teacher's scale
 
 
 def _metrics(fd: float, long: dict[int, LongRollout] | None = None) -> CausalSamplerMetrics:

@@ -170,6 +170,8 @@ def register(commands: Any) -> None:
     for flag, kind, what in (("pairs", int, "ODE pairs"), ("teacher-steps", int, "teacher DDIM steps"),
                              ("guidance", float, "CFG scale w"), ("kd-iterations", int, "CausalKD iterations"),
                              ("sf-iterations", int, "Self-Forcing iterations"),
+                             ("sf-update-freq", int, "one Self-Forcing student update every N iterations"),
+                             ("sf-guidance", float, "Self-Forcing's DMD CFG scale (default: --guidance)"),
                              ("context-noise", float, "TrigFlow time of the clean context frames (0: none)"),
                              ("eval-clips", int, "held-out conditions at 8 frames"),
                              ("long-clips", int, "held-out conditions of the long rollouts"), ("seed", int, "seed")):
