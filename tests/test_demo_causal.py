@@ -35,6 +35,7 @@ def weights(tmp_path) -> str:
     ("sf_iterations", 0, "CausalDemoConfig.sf_iterations=0 must be >= 1"),
     ("kd_lr", 0.0, "CausalDemoConfig.kd_lr=0.0 must be > 0"),
     ("sf_guidance", 0.0, "CausalDemoConfig.sf_guidance=0.0 must be > 0"),
+    ("guidance", -1.0, "CausalDemoConfig.guidance=-1.0 must be > 0"),
     ("rollouts", (1,), "CausalDemoConfig.rollouts=(1,): give whole multiples >= 2"),
     ("diversity_clips", 2000, "CausalDemoConfig.diversity_clips=2000 must be <= eval_clips=1024"),
     ("precision", "fp16", "precision"),
