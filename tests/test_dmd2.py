@@ -48,6 +48,9 @@ def test_dmd_loss_gradient_is_the_normalized_score_difference():
     w = (G.detach() - x0_teacher).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
     expected = (x0_fake - x0_teacher) / w / G.numel()
     assert torch.allclose(G.grad, expected, rtol=1e-12, atol=0)
+    G.grad = None  # rCM's reduction: summed per sample, averaged over the batch
+    dmd_loss(G, x0_teacher, x0_fake, reduction="sum").backward()
+    assert torch.allclose(G.grad, 2 * (x0_fake - x0_teacher) / w / G.shape[0], rtol=1e-12, atol=0)
 
 
 def test_dmd_loss_is_zero_when_critic_equals_teacher_and_clamps_its_normalizer():

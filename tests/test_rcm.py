@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from distill_mixins import OptimizerConfig, RCMConfig, RCMMixin, SCMConfig, SCMMixin
+from distill_mixins import OptimizerConfig, RCMConfig, RCMMixin, SCMConfig, SCMMixin, TimeSamplerConfig
 from distill_mixins.testing import MLPDenoiser, ToyHost, analytic_host_args, mixture_batch, ring_mixture
+from distill_mixins.trigflow import add_noise
 from tests.conftest import param_hash
 
 torch.set_num_threads(1)
@@ -102,8 +103,15 @@ def test_the_dmd_gradient_is_linear_in_its_weight_and_zero_while_the_critic_is_t
     assert out["loss_dmd"] == 0 and torch.allclose(with_dmd, without, rtol=0, atol=1e-14)
 
 
+def test_the_dmd_term_starts_when_the_tangent_warm_up_ends_unless_told(batch):
+    """``scm_only_iterations=None`` (the default): sCM alone until ``tangent_warmup`` (NVlabs/rcm's ``emit_dmd``)."""
+    assert (RCMConfig().dmd_start, RCMConfig(scm_only_iterations=3).dmd_start) == (1000, 3)
+    model = rcm_model()  # tangent_warmup 10
+    assert "loss_dmd" not in model.training_step(batch, 8)[0] and "loss_dmd" in model.training_step(batch, 10)[0]
+
+
 def test_phases_step_only_their_networks_and_never_the_teacher(batch):
-    model = rcm_model(adaptive_weighting=True)
+    model = rcm_model(adaptive_weighting=True, scm_only_iterations=0)
     teacher = param_hash(model.net_teacher)
     assert set(model.trainable_networks()) == {"net", "net_logvar", "net_fake_score"}
     for it in range(6):
@@ -124,7 +132,7 @@ def test_the_simulated_student_is_the_consistency_sampler(batch):
     the same times and the same noise draws (``renoise="fresh"``)."""
     base = rcm_model()
     times = base.consistency_times(3, (1.0, 0.5))
-    model = rcm_model(student_schedule=times, backward_simulation=False)
+    model = rcm_model(student_schedule=times, backward_simulation=False, simulation="schedule")
     data = model.prepare_data(batch)
     with model.drawing(7, 16) as draws:
         noise = draws.randn_like(data.x0)
@@ -138,6 +146,35 @@ def test_the_simulated_student_is_the_consistency_sampler(batch):
                 s = torch.tensor(times[k + 1], dtype=torch.float64)
                 x = torch.cos(s) * x0 + torch.sin(s) * model.sigma_data * draws.randn_like(x0)
     assert torch.allclose(G, x0, rtol=0, atol=1e-12)
+
+
+def test_the_random_simulation_is_the_consistency_sampler_at_drawn_times(batch):
+    """``simulation="random"`` (NVlabs/rcm): from ``t_max``, each later time is drawn per sample from ``critic_time``
+    and capped by the one before, with fresh noise; written out with the same draws (1e-12), and one step is the
+    one-step student."""
+    model = rcm_model(simulation_steps=3, critic_time=TimeSamplerConfig(kind="uniform"))
+    data = model.prepare_data(batch)
+    with model.drawing(7, 16) as draws:
+        noise = draws.randn_like(data.x0)
+        G = model.student_sample(data, noise, grad=False, simulate=False)  # all 3 steps
+    t = torch.full((16,), math.atan(80.0), dtype=torch.float64)
+    x, times = math.sin(t[0]) * model.sigma_data * noise, [t]
+    with torch.no_grad(), model.drawing(7, 16) as draws:
+        draws.randn_like(data.x0)
+        for k in range(3):
+            x0 = model.trigflow_denoise(model.net, x, t, data.condition).x0
+            if k < 2:
+                t = torch.minimum(model.sample_t(16, model.distill_config.critic_time), t)
+                x = add_noise(x0, draws.randn_like(x0), t, model.sigma_data)
+                times.append(t)
+    assert torch.allclose(G, x0, rtol=0, atol=1e-12)
+    assert all(bool((a >= b).all()) for a, b in zip(times, times[1:], strict=False))
+    assert len({float(v) for v in times[2]}) > 1  # per-sample times
+    one = rcm_model(simulation_steps=1)
+    with one.drawing(7, 16) as draws:
+        G1 = one.student_sample(data, draws.randn_like(data.x0), grad=False)
+    with torch.no_grad():
+        assert torch.equal(G1, one.generate(batch["label"], noise, schedule=one.consistency_times(1)))
 
 
 def test_one_step_is_the_consistency_samplers_first_time(batch):
@@ -155,6 +192,9 @@ def test_one_step_is_the_consistency_samplers_first_time(batch):
     [
         ({"dmd_loss_weight": -1.0}, "RCMConfig.dmd_loss_weight"),
         ({"scm_only_iterations": -2}, "RCMConfig.scm_only_iterations"),
+        ({"dmd_reduction": "max"}, "RCMConfig.dmd_reduction"),
+        ({"simulation": "fixed"}, "RCMConfig.simulation"),
+        ({"simulation_steps": 0}, "RCMConfig.simulation_steps"),
         ({"guidance_scale": 0.0}, "RCMConfig.guidance_scale"),
         ({"normalization": "l1"}, "RCMConfig.normalization"),
         ({"critic_samples": "all"}, "RCMConfig.critic_samples"),
@@ -174,10 +214,13 @@ def test_presets_carry_the_published_values():
     assert (small.critic_time.kind, small.critic_time.shift, small.tangent_warmup, small.sigma_max) == (
         "shifted_uniform", 5.0, 1000, 80.0)
     assert (small.normalization, small.loss_reduction, small.p_mean, small.p_std) == ("rcm", "sum", 0.7, 1.6)
+    assert (small.dmd_reduction, small.dmd_start) == ("sum", 1000)  # NVlabs/rcm: both terms summed, DMD after warm-up
+    assert (small.simulation, small.simulation_steps, small.critic_samples) == ("random", 4, "simulated")
     big = RCMConfig.wan2_1_14b()
     assert (big.student_optimizer.lr, big.critic_optimizer.lr, big.student_update_freq, big.sigma_max) == (
         1e-6, 1e-7, 10, 200.0)
     assert RCMConfig.wan2_1_14b(student_update_freq=3).student_update_freq == 3
+    assert big.dmd_start == 300
 
 
 def test_rcm_steps_on_a_tiny_diffusers_wan_host():

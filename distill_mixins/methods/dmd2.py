@@ -36,6 +36,7 @@ from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_sta
 from distill_mixins.trigflow import add_noise
 
 CRITIC_SAMPLES = ("final", "simulated")
+DMD_REDUCTIONS = ("mean", "sum")
 
 
 def _optimizer(lr: float, **kwargs: Any) -> OptimizerConfig:
@@ -65,6 +66,11 @@ class DMD2Config(DistillConfig):
     sampled at inference), or ``simulated`` ones (n ~ U{1..K} steps, like the student phase)."""
     dmd_weight_min: float = 1e-5
     """Clamp of the per-sample normalizer ``w = mean |G - x0_teacher|``."""
+    dmd_reduction: str = "mean"
+    """Reduction of the DMD loss (:func:`dmd_loss`): ``mean``, ``0.5 mean (G - sg(G - grad))^2`` over every element
+    (DMD2, Cosmos, FastGen: gradient ``grad / numel``), or ``sum``, ``(G - sg(G - grad))^2`` summed per sample and
+    averaged over the batch (rCM: gradient ``2 grad / B``, which grows with the sample size beside sCM's normalised
+    tangent)."""
     gan_loss_weight: float = 0.0
     """Weight of the generator GAN term; 0 turns the GAN (and the discriminator) off."""
     discriminator: DiscriminatorConfig | None = None
@@ -82,6 +88,7 @@ class DMD2Config(DistillConfig):
         super().__post_init__()
         name = type(self).__name__
         check_choice(name, "critic_samples", self.critic_samples, CRITIC_SAMPLES)
+        check_choice(name, "dmd_reduction", self.dmd_reduction, DMD_REDUCTIONS)
         check_positive(name, "guidance_scale", self.guidance_scale)
         check_positive(name, "dmd_weight_min", self.dmd_weight_min)
         check_positive(name, "gan_loss_weight", self.gan_loss_weight, allow_zero=True)
@@ -123,13 +130,19 @@ class DMD2Config(DistillConfig):
         return cls(**{**values, **overrides})
 
 
-def dmd_loss(G: Tensor, x0_teacher: Tensor, x0_fake: Tensor, weight_min: float = 1e-5) -> Tensor:
+def dmd_loss(
+    G: Tensor, x0_teacher: Tensor, x0_fake: Tensor, weight_min: float = 1e-5, reduction: str = "mean"
+) -> Tensor:
     """``0.5 mean (G - sg(G - grad))^2`` with ``grad = (x0_fake - x0_teacher) / w``, ``w = mean|G - x0_teacher|``
-    per sample (DMD2, Yin et al. 2024, eq. 2-3 as in Cosmos/FastGen); its gradient w.r.t. G is ``grad / numel``."""
+    per sample (DMD2, Yin et al. 2024, eq. 2-3 as in Cosmos/FastGen); its gradient w.r.t. G is ``grad / numel``.
+    ``reduction="sum"``: ``(G - sg(G - grad))^2`` summed per sample, averaged over the batch (rCM), gradient
+    ``2 grad / B``."""
     G, x0_teacher, x0_fake = G.double(), x0_teacher.double(), x0_fake.double()
     dims = tuple(range(1, G.ndim))
     w = (G.detach() - x0_teacher).abs().mean(dim=dims, keepdim=True).clamp(min=weight_min)
     grad = (x0_fake - x0_teacher) / w
+    if reduction == "sum":
+        return (G - (G.detach() - grad)).pow(2).sum(dim=dims).mean()
     return 0.5 * (G - (G.detach() - grad)).pow(2).mean()
 
 
@@ -268,7 +281,7 @@ class DMD2Mixin(DistillationCoreMixin):
             with torch.no_grad():
                 x0_fake = self.trigflow_denoise(self.net_fake_score, x_t.detach(), t, data.condition).x0
         output: dict[str, Tensor] = {}
-        loss = dmd_loss(G, x0_teacher, x0_fake, config.dmd_weight_min).float()
+        loss = dmd_loss(G, x0_teacher, x0_fake, config.dmd_weight_min, config.dmd_reduction).float()
         output["loss_dmd"] = loss.detach()
         if logits is not None:
             loss_gan = gan_generator_loss(logits)
@@ -315,4 +328,4 @@ class DMD2Mixin(DistillationCoreMixin):
         return output, loss
 
 
-__all__ = ["DMD2Config", "DMD2Mixin", "dmd_loss", "fake_score_loss"]
+__all__ = ["DMD_REDUCTIONS", "DMD2Config", "DMD2Mixin", "dmd_loss", "fake_score_loss"]

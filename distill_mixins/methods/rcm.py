@@ -13,15 +13,21 @@ sampler, ``student_schedule=model.consistency_times(N)`` with fresh noise at eac
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from distill_mixins.config import OptimizerConfig, TimeSamplerConfig, check_positive
+from distill_mixins.config import OptimizerConfig, TimeSamplerConfig, check_choice, check_positive
 from distill_mixins.core import DistillBatch
 from distill_mixins.methods.dmd2 import DMD2Config, DMD2Mixin
 from distill_mixins.methods.scm import SCMConfig, SCMMixin
+from distill_mixins.sampling import initial_state
+from distill_mixins.trigflow import add_noise
+
+SIMULATIONS = ("random", "schedule")
 
 
 def _adamw(lr: float) -> OptimizerConfig:
@@ -48,23 +54,47 @@ class RCMConfig(DMD2Config, SCMConfig):
     dmd_loss_weight: float = 1.0
     """``lambda_DMD``: weight of the DMD2 student loss (with its optional GAN and refine terms) beside sCM's (rCM: 1,
     with the sCM loss scaled by ``loss_scale`` = 100)."""
-    scm_only_iterations: int = 0
-    """Student phases at iterations below this train the sCM loss alone (critic phases run as usual)."""
+    dmd_reduction: str = "sum"
+    """rCM sums the DMD term per sample as it sums sCM's (DMD2's default is the mean): with sCM's tangent normalised
+    to norm < 1, the DMD term's share grows with the sample's size D (its gradient norm ~ sqrt(D)), so the weight
+    1 means what it means in rCM only with this reduction (docs/methods/rcm.md)."""
+    simulation: str = "random"
+    """The student samples of the DMD term and the critic: ``random`` (NVlabs/rcm's backward simulation: n ~
+    U{1..simulation_steps} consistency steps from ``atan(sigma_max / sigma_d)``, each later time drawn per sample from
+    ``critic_time`` and capped by the one before, fresh noise, the gradient on the last step; it trains every 1-N
+    step sampler at free times) or ``schedule`` (DMD2's backward simulation over ``student_schedule``)."""
+    simulation_steps: int = 4
+    """Largest n of the ``random`` simulation (rCM's ``max_simulation_steps_fake``: 4)."""
+    critic_samples: str = "simulated"
+    """The critic fits the same simulated samples the DMD term scores (rCM); ``final``: n = the largest n."""
+    scm_only_iterations: int | None = None
+    """Student phases at iterations below this train the sCM loss alone (critic phases run as usual); None: until
+    ``tangent_warmup`` ends, as NVlabs/rcm starts its DMD term."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
         check_positive(name, "dmd_loss_weight", self.dmd_loss_weight, allow_zero=True)
-        if not isinstance(self.scm_only_iterations, int) or isinstance(self.scm_only_iterations, bool) or (
-            self.scm_only_iterations < 0
+        check_choice(name, "simulation", self.simulation, SIMULATIONS)
+        if not isinstance(self.simulation_steps, int) or isinstance(self.simulation_steps, bool) or (
+            self.simulation_steps < 1
         ):
-            raise ValueError(f"{name}.scm_only_iterations={self.scm_only_iterations!r} must be an int >= 0.")
+            raise ValueError(f"{name}.simulation_steps={self.simulation_steps!r} must be an int >= 1.")
+        value = self.scm_only_iterations
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name}.scm_only_iterations={value!r} must be an int >= 0, or None (= tangent_warmup).")
+
+    @property
+    def dmd_start(self) -> int:
+        """The first iteration whose student phase has the DMD term: ``scm_only_iterations``, or ``tangent_warmup``."""
+        return self.tangent_warmup if self.scm_only_iterations is None else self.scm_only_iterations
 
     @classmethod
     def wan2_1_1_3b(cls, **overrides: Any) -> RCMConfig:
         """rCM, Wan 2.1 T2V 1.3B: student lr 2e-6, critic lr 4e-7 (AdamW, betas (0, 0.999)), CFG 5 in rCM's form
-        (w = 6), sCM x 100 + DMD x 1, critic time shifted uniform (shift 5), student update every 5 iterations,
-        tangent warm-up 1000, sigma_max 80 (the defaults)."""
+        (w = 6), sCM x 100 + DMD x 1 (both summed per sample), DMD from the end of the tangent warm-up, critic time
+        shifted uniform (shift 5), student update every 5 iterations, tangent warm-up 1000, sigma_max 80 (the
+        defaults)."""
         return cls(**overrides)
 
     @classmethod
@@ -91,11 +121,31 @@ class RCMMixin(DMD2Mixin, SCMMixin):
     uses_critic = True
     student_phase_networks = SCMMixin.student_phase_networks
 
+    def student_sample(self, data: DistillBatch, noise: Tensor, *, grad: bool, simulate: bool = True) -> Tensor:
+        """Student x0 ``G`` (B, C, T, H, W) for the DMD term and the critic. ``simulation="random"`` (rCM): n ~
+        U{1..simulation_steps} consistency steps (all of them without ``simulate``) from ``t_max``, the time after
+        each drawn per sample from ``critic_time`` and capped by the one before, fresh noise; the gradient (``grad``)
+        on the last step only. ``"schedule"``: :meth:`DMD2Mixin.student_sample`."""
+        config: RCMConfig = self.distill_config  # type: ignore[assignment]
+        if config.simulation == "schedule":
+            return DMD2Mixin.student_sample(self, data, noise, grad=grad, simulate=simulate)
+        n = self.draws.shared_randint(1, config.simulation_steps + 1) if simulate else config.simulation_steps
+        t_max = self.consistency_times(1)[0]
+        t = torch.full((noise.shape[0],), t_max, dtype=torch.float64)
+        x_t = initial_state(noise, t[0], self.sigma_data)
+        with torch.no_grad():
+            for _ in range(n - 1):
+                x0 = self.trigflow_denoise(self.net, x_t, t, data.condition).x0
+                t = torch.minimum(self.sample_t(noise.shape[0], config.critic_time), t)
+                x_t = add_noise(x0, self.draws.randn_like(noise), t, self.sigma_data)
+        with nullcontext() if grad else torch.no_grad():
+            return self.trigflow_denoise(self.net, x_t, t, data.condition).x0
+
     def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """``L_sCM + lambda_DMD L_DMD`` (rCM, Zheng et al. 2025, eq. 9); sCM alone before ``scm_only_iterations``."""
         config: RCMConfig = self.distill_config  # type: ignore[assignment]
         output, loss = SCMMixin.training_step_generator(self, data, iteration)
-        if iteration >= config.scm_only_iterations and config.dmd_loss_weight > 0:
+        if iteration >= config.dmd_start and config.dmd_loss_weight > 0:
             output_dmd, loss_dmd = DMD2Mixin.training_step_generator(self, data, iteration)
             output.update(output_dmd)
             loss = loss + config.dmd_loss_weight * loss_dmd
@@ -103,4 +153,4 @@ class RCMMixin(DMD2Mixin, SCMMixin):
         return output, loss
 
 
-__all__ = ["RCMConfig", "RCMMixin"]
+__all__ = ["SIMULATIONS", "RCMConfig", "RCMMixin"]
