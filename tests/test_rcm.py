@@ -234,13 +234,15 @@ def test_rcm_steps_on_a_tiny_diffusers_wan_host():
         pass
 
     adam = OptimizerConfig(name="adamw", lr=1e-4, betas=(0.0, 0.999), weight_decay=0.0)
-    config = RCMConfig(guidance_scale=2.0, student_update_freq=2, student_optimizer=adam, critic_optimizer=adam)
+    config = RCMConfig(guidance_scale=2.0, student_update_freq=2, student_optimizer=adam, critic_optimizer=adam,
+                       scm_only_iterations=0)  # the DMD term (rCM's random simulation, per-sample times) from step 0
     model = WanRCM(tiny_wan(), distill=config, num_conditional_frames=0)
     teacher = param_hash(model.net_teacher)
     for it in range(2):
         before = {name: param_hash(net) for name, net in model.trainable_networks().items()}
         out, loss = model.training_step(wan_batch(2), it)
         assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in out.values())
+        assert ("loss_dmd" in out) == ("loss_scm" in out) == (it == 0)
         loss.backward()
         model.optimizer_step(it)
         changed = {name for name, net in model.trainable_networks().items() if param_hash(net) != before[name]}
