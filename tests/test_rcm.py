@@ -195,6 +195,8 @@ def test_one_step_is_the_consistency_samplers_first_time(batch):
         ({"dmd_reduction": "max"}, "RCMConfig.dmd_reduction"),
         ({"simulation": "fixed"}, "RCMConfig.simulation"),
         ({"simulation_steps": 0}, "RCMConfig.simulation_steps"),
+        ({"student_schedule": (1.5, 0.5)}, "RCMConfig.student_schedule"),  # ignored by the random simulation
+        ({"backward_simulation": False}, "RCMConfig.student_schedule"),
         ({"guidance_scale": 0.0}, "RCMConfig.guidance_scale"),
         ({"normalization": "l1"}, "RCMConfig.normalization"),
         ({"critic_samples": "all"}, "RCMConfig.critic_samples"),

@@ -80,6 +80,13 @@ class RCMConfig(DMD2Config, SCMConfig):
             self.simulation_steps < 1
         ):
             raise ValueError(f"{name}.simulation_steps={self.simulation_steps!r} must be an int >= 1.")
+        if self.simulation == "random" and (self.student_schedule != "one_step" or not self.backward_simulation):
+            raise ValueError(
+                f"{name}.student_schedule={self.student_schedule!r} / backward_simulation={self.backward_simulation} "
+                f"apply only with {name}.simulation='schedule'; with 'random' (rCM) the DMD term draws its 1-"
+                f"{self.simulation_steps} steps and times. Sample an N-step student with "
+                "model.generate(..., schedule=model.consistency_times(N))."
+            )
         value = self.scm_only_iterations
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{name}.scm_only_iterations={value!r} must be an int >= 0, or None (= tangent_warmup).")
