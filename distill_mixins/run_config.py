@@ -38,6 +38,9 @@ METHODS: dict[str, str] = {
     "dmd2": "distill_mixins.methods.dmd2:DMD2Mixin",
     "causal_kd": "distill_mixins.methods.causal_kd:CausalKDMixin",
     "self_forcing": "distill_mixins.methods.self_forcing:SelfForcingMixin",
+    "refined_kd": "distill_mixins.methods.refined_kd:RefinedKDMixin",
+    "scm": "distill_mixins.methods.scm:SCMMixin",
+    "rcm": "distill_mixins.methods.rcm:RCMMixin",
 }
 """Method name -> ``"module:MixinClass"``; the mixin's ``config_class`` parses ``method_config``.
 A new method registers in one line, e.g. ``METHODS["dmd2"] = "distill_mixins.methods.dmd2:DMD2Mixin"``."""

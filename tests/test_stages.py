@@ -176,9 +176,34 @@ def test_a_signal_stops_the_run_between_stages_and_the_rerun_finishes_it(tmp_pat
     assert load_run_config(path, ["stages.1.trainer.iterations=7"]).stages[1].trainer["iterations"] == 7
 
 
+def test_consistency_stages_run_through_the_cli_after_kd(tmp_path):
+    """``"method": "scm"`` and ``"rcm"`` stages (the rCM one from the KD student, its DMD term from iteration 0)
+    train through ``distill-mixins train --config``; their losses reach metrics.jsonl and a rerun skips them."""
+    consistency = {"student_optimizer": ADAM, "guidance_scale": 2.0, "tangent_warmup": 2,
+                   "derivative": "finite_difference"}
+    config = {"run_dir": str(tmp_path / "run"), "stages": [
+        stage("kd", 2),
+        stage("scm", 2, method="scm", init_from_previous="student", method_config=consistency),
+        stage("rcm", 4, method="rcm", init_from_previous="student", method_config={
+            **consistency, "critic_optimizer": ADAM, "student_update_freq": 2, "scm_only_iterations": 0}),
+    ]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    assert cli_main(["train", "--config", str(path)]) == 0
+    run = tmp_path / "run"
+    for name, keys in (("scm", {"loss_scm"}), ("rcm", {"loss_scm", "loss_dmd", "loss_rcm", "loss_fake_score"})):
+        records = [json.loads(line) for line in (run / name / "metrics.jsonl").read_text().splitlines()]
+        assert keys <= {key for r in records for key in r}, name
+        assert (run / name / "student.safetensors").is_file()
+    assert json.loads((run / "rcm" / "config.json").read_text())["distill"]["dmd_reduction"] == "sum"
+    manifest = (run / "rcm" / "checkpoints" / "iter_000004" / "manifest.json").read_bytes()
+    assert cli_main(["train", "--config", str(path)]) == 0
+    assert (run / "rcm" / "checkpoints" / "iter_000004" / "manifest.json").read_bytes() == manifest  # skipped
+
+
 def test_every_registered_method_resolves():
     """Each run-config method name names a method mixin with its config class (the causal pipeline's included)."""
-    assert {"kd", "dmd2", "causal_kd", "self_forcing"} <= set(METHODS)
+    assert {"kd", "dmd2", "causal_kd", "self_forcing", "refined_kd", "scm", "rcm"} <= set(METHODS)
     for name in METHODS:
         mixin = method_mixin(name)
         assert hasattr(mixin, "config_class") and mixin.config_class().student_update_freq >= 1
