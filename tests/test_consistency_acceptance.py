@@ -116,7 +116,7 @@ def evaluate(model: AnalyticSCM, seconds: float, steps: tuple[int, ...] = STEPS,
     """Paired samplers: replicate r of every step count starts from the same noise (the step counts differ only by
     what the later steps do), each compared with the same teacher set A (DMD2's evaluation draws)."""
     ref = dmd2.Reference(model)
-    figures = Figures(floor=ref.floor, intermediate=s, near_teacher=ref.masses(ref.pool)[1],
+    figures = Figures(floor=ref.floor, intermediate=s, near_teacher=ref.near_teacher,
                       teacher_1step=ref.sw2(ref.teacher(1), 0), seconds=seconds)
     noises = [torch.randn(SAMPLES, *SHAPE, generator=ref.g) for _ in range(REPLICATES)]
     for n in steps:
