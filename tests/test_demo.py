@@ -153,7 +153,7 @@ def test_predict2_5_recipe_trains_a_4_step_dmd2_student_without_kd(tmp_path):
     tiny = {key: value for key, value in TINY.items() if key not in ("kd_iterations", "refine_iterations")}
     tiny["steps_curve"] = False
     config = DemoConfig.for_recipe("predict2.5", quick=True, out=str(tmp_path / "p25"), **tiny)
-    assert (config.kd_iterations, config.refine_iterations, config.dmd2_refine_weight) == (0, 0, 0.0)
+    assert (config.kd_iterations, config.refine_iterations, config.dmd2_refine_weight) == (0, 0, 20.0)
     result = run_demo(config)
     assert {k: m.nfe for k, m in result.samplers.items() if k.startswith("student")} == {
         "student_4step": 4, "student_2step": 2, "student_1step": 1}
@@ -178,7 +178,8 @@ def test_recipe_flags_and_errors():
     assert parsed("--recipe", "predict2.5", "--quick").out == "runs/demo-predict2.5-quick"
     assert parsed().recipe == "transfer1" and parsed("--steps-curve").steps_curve
     assert parsed("--diversity-clips", "64").diversity_clips == 64
-    with pytest.raises(ValueError, match="DemoConfig.recipe='predict2.5' is DMD2 alone"):
+    assert (p25.dmd2_iterations, p25.dmd2_refine_weight) == (720, 20.0)
+    with pytest.raises(ValueError, match="DemoConfig.recipe='predict2.5' is DMD2 from the teacher's weights"):
         DemoConfig(recipe="predict2.5")  # the transfer1 defaults train KD first: for_recipe sets them
     with pytest.raises(ValueError, match="recipe 'predict2' is not known"):
         DemoConfig.for_recipe("predict2")

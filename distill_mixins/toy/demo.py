@@ -156,11 +156,10 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.diversity_clips={self.diversity_clips} exceeds eval_clips={self.eval_clips}.")
         if self.recipe not in RECIPES:
             raise ValueError(f"DemoConfig.recipe={self.recipe!r} is not known: choose one of {', '.join(RECIPES)}.")
-        if self.recipe == "predict2.5" and (self.kd_iterations or self.refine_iterations or self.dmd2_refine_weight
-                                            or not self.dmd2_iterations):
-            raise ValueError("DemoConfig.recipe='predict2.5' is DMD2 alone (no KD, refined-KD or refine-term stage, "
-                             "dmd2_iterations >= 1): build it with DemoConfig.for_recipe('predict2.5'), which sets "
-                             "kd_iterations, refine_iterations and dmd2_refine_weight to 0.")
+        if self.recipe == "predict2.5" and (self.kd_iterations or self.refine_iterations or not self.dmd2_iterations):
+            raise ValueError("DemoConfig.recipe='predict2.5' is DMD2 from the teacher's weights (no KD or refined-KD "
+                             "stage, dmd2_iterations >= 1): build it with DemoConfig.for_recipe('predict2.5'), which "
+                             "sets kd_iterations and refine_iterations to 0.")
         check_precision(self.precision, "DemoConfig.precision")
         if self.teacher_weights is not None and not Path(self.teacher_weights).is_file():
             raise ValueError(f"DemoConfig.teacher_weights={self.teacher_weights!r} is not a file: give the path of a "
@@ -188,10 +187,8 @@ class DemoConfig:
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "transfer1": ({}, {}),
     "predict2.5": (
-        {"out": "runs/demo-predict2.5", "kd_iterations": 0, "refine_iterations": 0, "dmd2_refine_weight": 0.0,
-         "dmd2_iterations": 240},
-        {"out": "runs/demo-predict2.5-quick", "kd_iterations": 0, "refine_iterations": 0, "dmd2_refine_weight": 0.0,
-         "dmd2_iterations": 12},
+        {"out": "runs/demo-predict2.5", "kd_iterations": 0, "refine_iterations": 0, "dmd2_iterations": 720},
+        {"out": "runs/demo-predict2.5-quick", "kd_iterations": 0, "refine_iterations": 0, "dmd2_iterations": 12},
     ),
 }
 """Recipe -> (its full-run values, its ``--quick`` values) over :class:`DemoConfig`'s defaults."""
@@ -268,17 +265,19 @@ def run_kd(config: DemoConfig, model: ToyKD, data_dir: Path) -> None:
 
 def dmd2_config(config: DemoConfig) -> DMD2Config:
     """DMD2 with the demo's CFG scale, learning rates and update frequency, a shifted critic time (Cosmos shift 5), no
-    GAN: ``transfer1`` one step with the refine term; ``predict2.5`` :meth:`DMD2Config.cosmos_predict2_5` (4 steps,
-    shift 5) with the toy's learning rates (the published 1e-6 / 2e-7 are for a 2B model fine-tuned for days)."""
+    GAN, and the refine term (``dmd2_refine_weight``, the toy's addition to both recipes): ``transfer1`` one step;
+    ``predict2.5`` :meth:`DMD2Config.cosmos_predict2_5` (4 steps, shift 5) with the toy's learning rates (the
+    published 1e-6 / 2e-7 are for a 2B model fine-tuned for days)."""
     values: dict[str, Any] = {
         "student_update_freq": config.dmd2_student_update_freq, "guidance_scale": config.guidance,
         "student_optimizer": _optimizer(config.dmd2_student_lr), "critic_optimizer": _optimizer(config.dmd2_critic_lr),
         "critic_time": TimeSamplerConfig(kind="shifted_uniform", shift=5.0), "ema": EMAConfig(halflife_steps=20.0),
+        "refine_weight": config.dmd2_refine_weight, "refine_time": refine_time(config),
+        "refine_teacher_steps": config.refine_teacher_steps,
     }
     if config.recipe == "predict2.5":
         return DMD2Config.cosmos_predict2_5(**values)
-    return DMD2Config(**values, refine_weight=config.dmd2_refine_weight, refine_time=refine_time(config),
-                      refine_teacher_steps=config.refine_teacher_steps)
+    return DMD2Config(**values)
 
 
 def conditions(seed: int, batch: int) -> FunctionData:

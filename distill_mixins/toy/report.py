@@ -156,16 +156,16 @@ def student_steps(cfg: dict) -> int:
 
 def student_line(cfg: dict) -> str:
     """How the run's student was trained, in one sentence."""
+    dmd2_refine = f", plus the refine term, weight {cfg['dmd2_refine_weight']:g}" if cfg["dmd2_refine_weight"] else ""
     if cfg.get("recipe", "transfer1") == "predict2.5":
-        return (f"Student: a copy of the teacher trained by 4-step DMD2 alone ({cfg['dmd2_iterations']} iterations, "
-                "DMD2Config.cosmos_predict2_5 with the toy's learning rates), sampled at 4 steps and, the same "
-                "student, at 2 and 1.")
+        return (f"Student: a copy of the teacher trained by 4-step DMD2 ({cfg['dmd2_iterations']} iterations, "
+                f"DMD2Config.cosmos_predict2_5 with the toy's learning rates{dmd2_refine}), sampled at 4 steps and, "
+                "the same student, at 2 and 1.")
     refined = (
         f", then refined KD ({cfg['refine_iterations']} iterations: the student regresses the teacher's "
         f"{cfg['refine_teacher_steps']}-step solve of its own sample re-noised to tau {cfg['refine_tau']})"
         if cfg["refine_iterations"] > 0 else ""
     )
-    dmd2_refine = f", plus the refine term, weight {cfg['dmd2_refine_weight']:g}" if cfg["dmd2_refine_weight"] else ""
     return (f"Student: a copy of the teacher trained by KD on {cfg['pairs']} teacher pairs "
             f"({cfg['kd_iterations']} iterations){refined}, then DMD2 ({cfg['dmd2_iterations']} iterations"
             f"{dmd2_refine}).")
