@@ -183,3 +183,26 @@ def test_recipe_flags_and_errors():
         DemoConfig(recipe="predict2.5")  # the transfer1 defaults train KD first: for_recipe sets them
     with pytest.raises(ValueError, match="recipe 'predict2' is not known"):
         DemoConfig.for_recipe("predict2")
+
+
+def test_every_sampler_is_timed_on_the_spot_check_clips_at_the_teachers_batch(monkeypatch):
+    """Latencies compare like with like: each sampler runs the first ``spot_check`` held-out conditions (the clips the
+    teacher's spot check times) in the same batches, and the median of the timed runs is its latency."""
+    import torch
+
+    from distill_mixins.toy import demo
+    from distill_mixins.toy.evalset import SamplerRun
+
+    held = demo.held_out_set(8, 4)
+    calls, seconds = [], iter([3.0, 1.0, 2.0])
+
+    def fake_run(model, sampler, clips, noise, *, batch, precision, desc):
+        calls.append((clips.prompts, noise, batch))
+        return SamplerRun(torch.zeros(len(clips)), next(seconds))
+
+    monkeypatch.setattr(demo, "run_sampler", fake_run)
+    config = demo.DemoConfig(eval_clips=8, diversity_clips=4, spot_check=5, sample_batch=64)
+    assert demo.spot_latency(None, None, held, config) == 2.0
+    assert len(calls) == demo.TIMING_REPEATS == 3
+    for prompts, noise, batch in calls:
+        assert prompts == held.clips.prompts[:5] and torch.equal(noise, held.noise[:5]) and batch == 64

@@ -44,7 +44,6 @@ from distill_mixins.toy.evalset import (
     Sampler,
     SpotCheck,
     TeacherSamples,
-    held_out,
     held_out_set,
     run_sampler,
     spot_checked,
@@ -456,32 +455,6 @@ def shipped_teacher(config: DemoConfig) -> TeacherSamples | None:
     return usable_samples(settings, config.eval_clips, config.diversity_clips)
 
 
-def generate(
-    model: Student, sampler: Sampler, name: str, config: DemoConfig, noise: Tensor, again_noise: Tensor
-) -> Generated:
-    """Sample the held-out conditions (and the first K again with the second noise) with one sampler."""
-    clips = held_out(config.eval_clips)
-    k = config.diversity_clips
-    first = run_sampler(model, sampler, clips, noise, batch=config.sample_batch, precision=config.precision, desc=name)
-    again = run_sampler(model, sampler, clips.head(k), again_noise, batch=config.sample_batch,
-                        precision=config.precision, desc=f"{name} (2nd)")
-    return Generated(first.clips, again.clips, first.latency_s_per_clip)
-
-
-def checked_teacher(
-    model: Student, sampler: Sampler, shipped: TeacherSamples, config: DemoConfig, held: HeldOutSet
-) -> tuple[Generated, SpotCheck]:
-    """The shipped teacher clips, after re-sampling the first ``spot_check`` conditions (which also times the
-    teacher); raises when the fresh clips disagree with the shipped ones."""
-    fresh, check = spot_checked(
-        model, sampler, shipped, held, spot=config.spot_check, batch=config.sample_batch, precision=config.precision,
-        remedy="regenerate them with `distill-mixins toy-teacher-samples --out "
-        "distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz`, or run the demo with --fresh-teacher",
-    )
-    n, k = config.eval_clips, config.diversity_clips
-    return Generated(shipped.clips[:n], shipped.again[:k], fresh.latency_s_per_clip), check
-
-
 TIMING_REPEATS = 3
 """Timed runs of each non-teacher sampler on the spot-check conditions (their median is its latency)."""
 
@@ -498,6 +471,31 @@ def spot_latency(model: Student, sampler: Sampler, held: HeldOutSet, config: Dem
     return statistics.median(runs)
 
 
+def generate(model: Student, sampler: Sampler, name: str, config: DemoConfig, held: HeldOutSet) -> Generated:
+    """Sample the held-out conditions (and the first K again with the second noise) with one sampler; its latency
+    from :func:`spot_latency`."""
+    k = config.diversity_clips
+    first = run_sampler(model, sampler, held.clips, held.noise, batch=config.sample_batch, precision=config.precision,
+                        desc=name)
+    again = run_sampler(model, sampler, held.clips.head(k), held.again_noise, batch=config.sample_batch,
+                        precision=config.precision, desc=f"{name} (2nd)")
+    return Generated(first.clips, again.clips, spot_latency(model, sampler, held, config))
+
+
+def checked_teacher(
+    model: Student, sampler: Sampler, shipped: TeacherSamples, config: DemoConfig, held: HeldOutSet
+) -> tuple[Generated, SpotCheck]:
+    """The shipped teacher clips, after re-sampling the first ``spot_check`` conditions (which also times the
+    teacher); raises when the fresh clips disagree with the shipped ones."""
+    fresh, check = spot_checked(
+        model, sampler, shipped, held, spot=config.spot_check, batch=config.sample_batch, precision=config.precision,
+        remedy="regenerate them with `distill-mixins toy-teacher-samples --out "
+        "distill_mixins/toy/weights/toy_teacher_eval.safetensors.xz`, or run the demo with --fresh-teacher",
+    )
+    n, k = config.eval_clips, config.diversity_clips
+    return Generated(shipped.clips[:n], shipped.again[:k], fresh.latency_s_per_clip), check
+
+
 def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     """Metrics of every sampler on held-out conditions (see :class:`Evaluation`); latencies from
     :func:`spot_latency` (the shipped teacher's from its spot check, the same clips and batch)."""
@@ -505,7 +503,7 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
     from distill_mixins.eval.video import evaluate_clips
 
     held_set = held_out_set(config.eval_clips, config.diversity_clips)
-    held, noise, again_noise = held_set.clips, held_set.noise, held_set.again_noise
+    held = held_set.clips
     shipped = shipped_teacher(config)
     source: dict[str, Any] = {"source": "sampled in this run"}
     results, clips, again = {}, {}, {}
@@ -514,8 +512,7 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
             run, check = checked_teacher(model, sampler, shipped, config, held_set)
             source = {"source": "shipped", "spot_check": asdict(check), "made_by": shipped.metadata.get("command", "")}
         else:
-            run = generate(model, sampler, name, config, noise, again_noise)
-            run.latency_s_per_clip = spot_latency(model, sampler, held_set, config)
+            run = generate(model, sampler, name, config, held_set)
         figures = evaluate_clips(run.clips, held_set.reference, held.prompts, net=held_set.feature_net)
         k = config.diversity_clips
         spread = diversity_stats(run.clips[:k], run.again, held.prompts[:k])
