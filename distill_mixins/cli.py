@@ -47,7 +47,7 @@ def _demo_analytic(args: argparse.Namespace) -> int:
 
 DEMO_FLAGS = (
     "pairs", "eval_clips", "diversity_clips", "kd_iterations", "dmd2_iterations", "dmd2_refine_weight",
-    "refine_iterations", "guidance",
+    "dmd2_energy_weight", "dmd2_student_lr", "refine_iterations", "guidance",
     "seed", "teacher_weights", "spot_check", "batch_size", "sample_batch",
 )
 
@@ -93,8 +93,8 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute)")
     demo.add_argument(
         "--recipe", choices=("transfer1", "predict2.5"), default="transfer1",
-        help="transfer1: 1-step student by KD, refined KD, then DMD2 (default); predict2.5: 4-step DMD2 from the "
-        "teacher's weights (sampled at 4, 2 and 1 steps)",
+        help="transfer1: 1-step student by KD, then DMD2 with the energy-score term (default); predict2.5: 4-step "
+        "DMD2 from the teacher's weights (sampled at 4, 2 and 1 steps)",
     )
     demo.add_argument("--pairs", type=int, default=None, help="KD teacher pairs (default 256)")
     demo.add_argument("--eval-clips", dest="eval_clips", type=int, default=None, help="held-out clips (default 1024)")
@@ -104,15 +104,23 @@ def _add_demo(commands: Any) -> None:
         "--kd-iterations", dest="kd_iterations", type=int, default=None, help="KD iterations (default 300)"
     )
     demo.add_argument(
-        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 120)"
+        "--dmd2-iterations", dest="dmd2_iterations", type=int, default=None, help="DMD2 iterations (default 600)"
     )
     demo.add_argument(
         "--dmd2-refine-weight", dest="dmd2_refine_weight", type=float, default=None,
         help="weight of DMD2's refine term, 0 runs plain DMD2 (default 20)",
     )
     demo.add_argument(
+        "--dmd2-energy-weight", dest="dmd2_energy_weight", type=float, default=None,
+        help="weight of DMD2's energy-score term on real clips, which keeps per-condition diversity (default 1)",
+    )
+    demo.add_argument(
+        "--dmd2-student-lr", dest="dmd2_student_lr", type=float, default=None,
+        help="DMD2's student learning rate (default 3e-05)",
+    )
+    demo.add_argument(
         "--refine-iterations", dest="refine_iterations", type=int, default=None,
-        help="refined-KD iterations between KD and DMD2, 0 skips them (default 320)",
+        help="refined-KD iterations between KD and DMD2, 0 skips them (default 0)",
     )
     demo.add_argument("--batch-size", dest="batch_size", type=int, default=None,
                       help="training clips per iteration, every stage (default 16)")

@@ -69,7 +69,9 @@ def test_demo_help_states_the_config_defaults(capsys):
                         ("time itself", defaults.spot_check),
                         ("KD iterations", defaults.kd_iterations), ("DMD2 iterations", defaults.dmd2_iterations),
                         ("refined-KD iterations between KD and DMD2, 0 skips them", defaults.refine_iterations),
-                        ("0 runs plain DMD2", f"{defaults.dmd2_refine_weight:g}")):
+                        ("0 runs plain DMD2", f"{defaults.dmd2_refine_weight:g}"),
+                        ("keeps per-condition diversity", f"{defaults.dmd2_energy_weight:g}"),
+                        ("student learning rate", f"{defaults.dmd2_student_lr:g}")):
         assert f"{flag} (default {value})" in text, flag
     assert f"(default {defaults.guidance:g})" in text
 
@@ -78,7 +80,7 @@ def test_demo_refined_kd_settings_reach_the_method():
     from distill_mixins.cli import build_parser, demo_config
     from distill_mixins.toy.demo import dmd2_config, refined_kd_config
 
-    assert DemoConfig().refine_iterations == 320 and DemoConfig().dmd2_refine_weight == 20.0
+    assert DemoConfig().refine_iterations == 0 and DemoConfig().dmd2_refine_weight == 20.0
     assert demo_config(build_parser().parse_args(["demo", "--refine-iterations", "0"])).refine_iterations == 0
     config = refined_kd_config(DemoConfig(refine_tau=0.35, refine_teacher_steps=4, guidance=3.0))
     assert config.refine_time == pytest.approx(math.atan2(0.35, 0.65), abs=1e-12)  # rectified flow, sigma_d = 1
@@ -94,6 +96,19 @@ def test_demo_refined_kd_settings_reach_the_method():
         DemoConfig(refine_iterations=-1)
     with pytest.raises(ValueError, match="DemoConfig.dmd2_refine_weight=-1.0"):
         DemoConfig(dmd2_refine_weight=-1.0)
+
+
+def test_demo_energy_term_and_student_lr_reach_dmd2():
+    from distill_mixins.cli import build_parser, demo_config
+    from distill_mixins.toy.demo import dmd2_config
+
+    assert DemoConfig().dmd2_energy_weight == 1.0 and dmd2_config(DemoConfig()).energy_weight == 1.0
+    assert dmd2_config(DemoConfig.for_recipe("predict2.5")).energy_weight == 0.0  # its student keeps its diversity
+    args = build_parser().parse_args(["demo", "--dmd2-energy-weight", "0", "--dmd2-student-lr", "1e-5"])
+    config = dmd2_config(demo_config(args))
+    assert config.energy_weight == 0.0 and config.energy_samples == 2 and config.student_optimizer.lr == 1e-5
+    with pytest.raises(ValueError, match="DemoConfig.dmd2_energy_weight=-1.0"):
+        DemoConfig(dmd2_energy_weight=-1.0)
 
 
 def test_gap_closed_known_answers():

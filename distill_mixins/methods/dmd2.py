@@ -31,6 +31,7 @@ from distill_mixins.discriminator import (
     gan_generator_loss,
     r1_penalty,
 )
+from distill_mixins.methods.energy import energy_score
 from distill_mixins.methods.refined_kd import check_refine, refine_times, refine_with_teacher
 from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state, renoise_state
 from distill_mixins.trigflow import add_noise
@@ -83,10 +84,22 @@ class DMD2Config(DistillConfig):
     refine_time: float = math.pi / 4
     """TrigFlow time in (0, pi/2) of the refine term's re-noising."""
     refine_teacher_steps: int = 4
+    energy_weight: float = 0.0
+    """Weight of the energy-score term (:mod:`distill_mixins.methods.energy`): ``energy_samples`` student samples of
+    each condition (the DMD term's ``G`` and ``energy_samples - 1`` more from fresh noise) scored against the batch's
+    clean ``x0`` (real clips); 0 turns it off. It keeps per-condition diversity where DMD2 and the refine term lose
+    it (measured in docs/methods/dmd2.md); the batch must carry real clips of its conditions."""
+    energy_samples: int = 2
+    """Student samples per condition in the energy-score term (m >= 2; each extra one costs a student forward and
+    backward)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        check_positive(name, "energy_weight", self.energy_weight, allow_zero=True)
+        if isinstance(self.energy_samples, bool) or not isinstance(self.energy_samples, int) or self.energy_samples < 2:
+            raise ValueError(f"{name}.energy_samples={self.energy_samples!r} must be an int >= 2 (the energy score "
+                             "compares samples of one condition with each other).")
         check_choice(name, "critic_samples", self.critic_samples, CRITIC_SAMPLES)
         check_choice(name, "dmd_reduction", self.dmd_reduction, DMD_REDUCTIONS)
         check_positive(name, "guidance_scale", self.guidance_scale)
@@ -269,6 +282,7 @@ class DMD2Mixin(DistillationCoreMixin):
         """Student phase: DMD gradient of the re-noised student sample (+ the generator GAN term)."""
         config: DMD2Config = self.distill_config  # type: ignore[assignment]
         noise = self.draws.randn_like(data.x0)
+        batch = data
         G, data = self.student_clip(data, noise, grad=True)
         t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
         x_t = add_noise(G, self.draws.randn_like(G), t, self.sigma_data)
@@ -293,7 +307,24 @@ class DMD2Mixin(DistillationCoreMixin):
             loss_refine = 0.5 * (G.float() - x0_refined.float()).pow(2).mean()
             output["loss_refine"] = loss_refine.detach()
             loss = loss + config.refine_weight * loss_refine
+        if config.energy_weight > 0:
+            loss_energy = self.energy_loss(batch, data, G, noise)
+            output["loss_energy"] = loss_energy.detach()
+            loss = loss + config.energy_weight * loss_energy
         return output, loss
+
+    def energy_loss(self, batch: DistillBatch, scored: DistillBatch, G: Tensor, noise: Tensor) -> Tensor:
+        """The energy score (:func:`~distill_mixins.methods.energy.energy_score`, mean over conditions) of ``G`` and
+        ``energy_samples - 1`` more student clips of the same conditions (fresh noise) against ``batch.x0``."""
+        if scored is not batch:
+            raise ValueError(
+                f"{type(self.distill_config).__name__}.energy_weight > 0 scores the student's clip against the "
+                "batch's real clip, but this method scores another window (e.g. Self-Forcing with rollout_frames "
+                "longer than the clip): set energy_weight=0 or rollout_frames=None."
+            )
+        m = self.distill_config.energy_samples  # type: ignore[attr-defined]
+        extra = [self.student_clip(batch, self.draws.randn_like(noise), grad=True)[0] for _ in range(m - 1)]
+        return energy_score([G, *extra], batch.x0).mean()
 
     def training_step_critic(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """Critic phase: fake-score denoising loss on student samples (+ discriminator loss and R1)."""

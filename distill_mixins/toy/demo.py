@@ -7,10 +7,12 @@ Stages (each resumable: a re-run in the same directory skips what is done):
 2. **KD**: :class:`~distill_mixins.methods.kd.KDMixin` through the :class:`DistillationTrainer` on those shards
    (with ``kd_symmetries``, each pair moved by a random symmetry of the square world:
    :mod:`distill_mixins.toy.symmetry`).
-3. **Refined KD** (when ``refine_iterations > 0``): :class:`~distill_mixins.methods.refined_kd.RefinedKDMixin` from
-   the KD student, on fresh procedural conditions: the student learns to commit to one future.
+3. **Refined KD** (only when ``refine_iterations > 0``; off by default):
+   :class:`~distill_mixins.methods.refined_kd.RefinedKDMixin` from the KD student, on fresh procedural conditions: the
+   student learns to commit to one future, and to pick it from the condition (it loses its diversity).
 4. **DMD2**: :class:`~distill_mixins.methods.dmd2.DMD2Mixin` from the previous stage's student, raw weights (critic = a
-   copy of the teacher), on fresh procedural conditions, with the refine term when ``dmd2_refine_weight > 0``.
+   copy of the teacher), on fresh procedural conditions, with the refine term when ``dmd2_refine_weight > 0`` and
+   the energy-score term on the conditions' real clips when ``dmd2_energy_weight > 0`` (both by default).
 5. **Evaluation** on held-out clips (:mod:`distill_mixins.eval.video`): Frechet distance against a second
    held-out real set (and the floor between two real sets), prompt adherence, temporal consistency,
    diversity, latency and NFE per clip, for the teacher at 36 steps with CFG, the teacher at 1 step and the
@@ -88,8 +90,8 @@ class DemoConfig:
 
     out: str = "runs/demo"
     recipe: str = "transfer1"
-    """:data:`RECIPES`: ``transfer1`` (Cosmos-Transfer1: a 1-step student by KD, refined KD, then DMD2) or
-    ``predict2.5`` (Cosmos-Predict2.5: a 4-step DMD2 student from the teacher's weights, no KD stage; build it
+    """:data:`RECIPES`: ``transfer1`` (Cosmos-Transfer1: a 1-step student by KD, then DMD2 with the energy-score
+    term) or ``predict2.5`` (Cosmos-Predict2.5: a 4-step DMD2 student from the teacher's weights, no KD stage; build it
     with :meth:`for_recipe`, which sets its defaults)."""
     pairs: int = 256
     """KD teacher pairs (36-step CFG samples)."""
@@ -111,12 +113,17 @@ class DemoConfig:
     guidance: float = 3.0
     """CFG scale w of the teacher (standard form x0_u + w (x0_c - x0_u))."""
     kd_iterations: int = 300
-    dmd2_iterations: int = 120
+    dmd2_iterations: int = 600
     dmd2_refine_weight: float = 20.0
     """Weight of DMD2's refine term (:class:`~distill_mixins.methods.DMD2Config` ``refine_weight``, re-noised to
     ``refine_tau``, ``refine_teacher_steps`` teacher steps); 0 runs plain DMD2."""
-    refine_iterations: int = 320
-    """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage."""
+    dmd2_energy_weight: float = 1.0
+    """Weight of DMD2's energy-score term on the training clips (:class:`~distill_mixins.methods.DMD2Config`
+    ``energy_weight``, two samples a condition): it keeps the per-condition diversity that the refined-KD stage and
+    the refine term take away (docs/toy.md has the measured trade with adherence)."""
+    refine_iterations: int = 0
+    """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage (the
+    default since it costs the student its diversity: 320 gave adherence 0.89-0.91 and diversity 0.28-0.30x)."""
     refine_tau: float = 0.35
     """Rectified-flow time the student's sample is re-noised to (0.35: 65% signal)."""
     refine_teacher_steps: int = 2
@@ -128,7 +135,7 @@ class DemoConfig:
     batch_size: int = 16
     sample_batch: int = 64
     kd_lr: float = 2e-4
-    dmd2_student_lr: float = 1e-5
+    dmd2_student_lr: float = 3e-5
     dmd2_critic_lr: float = 1e-4
     dmd2_student_update_freq: int = 3
     precision: str = "auto"
@@ -148,6 +155,9 @@ class DemoConfig:
         for name in ("kd_iterations", "dmd2_iterations", "refine_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DemoConfig.{name}={getattr(self, name)} must be >= 0.")
+        if not self.dmd2_energy_weight >= 0:
+            raise ValueError(f"DemoConfig.dmd2_energy_weight={self.dmd2_energy_weight} must be >= 0 (0: no energy "
+                             "term).")
         if not self.dmd2_refine_weight >= 0:
             raise ValueError(f"DemoConfig.dmd2_refine_weight={self.dmd2_refine_weight} must be >= 0 (0: plain DMD2).")
         if not 0.0 < self.refine_tau < 1.0:
@@ -171,7 +181,7 @@ class DemoConfig:
         """A CI-sized run (about a minute): few pairs, iterations and evaluation clips."""
         values: dict[str, Any] = {
             "out": "runs/demo-quick", "pairs": 64, "eval_clips": 128, "diversity_clips": 32, "kd_iterations": 40,
-            "dmd2_iterations": 12, "refine_iterations": 10, "spot_check": 16,
+            "dmd2_iterations": 12, "refine_iterations": 0, "spot_check": 16,
         }
         return cls(**{**values, **overrides})
 
@@ -187,8 +197,10 @@ class DemoConfig:
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "transfer1": ({}, {}),
     "predict2.5": (
-        {"out": "runs/demo-predict2.5", "kd_iterations": 0, "refine_iterations": 0, "dmd2_iterations": 720},
-        {"out": "runs/demo-predict2.5-quick", "kd_iterations": 0, "refine_iterations": 0, "dmd2_iterations": 12},
+        {"out": "runs/demo-predict2.5", "kd_iterations": 0, "refine_iterations": 0, "dmd2_iterations": 720,
+         "dmd2_student_lr": 1e-5, "dmd2_energy_weight": 0.0},
+        {"out": "runs/demo-predict2.5-quick", "kd_iterations": 0, "refine_iterations": 0, "dmd2_iterations": 12,
+         "dmd2_student_lr": 1e-5, "dmd2_energy_weight": 0.0},
     ),
 }
 """Recipe -> (its full-run values, its ``--quick`` values) over :class:`DemoConfig`'s defaults."""
@@ -265,7 +277,8 @@ def run_kd(config: DemoConfig, model: ToyKD, data_dir: Path) -> None:
 
 def dmd2_config(config: DemoConfig) -> DMD2Config:
     """DMD2 with the demo's CFG scale, learning rates and update frequency, a shifted critic time (Cosmos shift 5), no
-    GAN, and the refine term (``dmd2_refine_weight``, the toy's addition to both recipes): ``transfer1`` one step;
+    GAN, the refine term (``dmd2_refine_weight``, the toy's addition to both recipes) and the energy-score term
+    (``dmd2_energy_weight``, the transfer1 default's): ``transfer1`` one step;
     ``predict2.5`` :meth:`DMD2Config.cosmos_predict2_5` (4 steps, shift 5) with the toy's learning rates (the
     published 1e-6 / 2e-7 are for a 2B model fine-tuned for days)."""
     values: dict[str, Any] = {
@@ -273,7 +286,7 @@ def dmd2_config(config: DemoConfig) -> DMD2Config:
         "student_optimizer": _optimizer(config.dmd2_student_lr), "critic_optimizer": _optimizer(config.dmd2_critic_lr),
         "critic_time": TimeSamplerConfig(kind="shifted_uniform", shift=5.0), "ema": EMAConfig(halflife_steps=20.0),
         "refine_weight": config.dmd2_refine_weight, "refine_time": refine_time(config),
-        "refine_teacher_steps": config.refine_teacher_steps,
+        "refine_teacher_steps": config.refine_teacher_steps, "energy_weight": config.dmd2_energy_weight,
     }
     if config.recipe == "predict2.5":
         return DMD2Config.cosmos_predict2_5(**values)

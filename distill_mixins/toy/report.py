@@ -158,6 +158,8 @@ def student_steps(cfg: dict) -> int:
 def student_line(cfg: dict) -> str:
     """How the run's student was trained, in one sentence."""
     dmd2_refine = f", plus the refine term, weight {cfg['dmd2_refine_weight']:g}" if cfg["dmd2_refine_weight"] else ""
+    energy = cfg.get("dmd2_energy_weight", 0.0)
+    dmd2_refine += f", and the energy-score term on real clips, weight {energy:g}" if energy else ""
     if cfg.get("recipe", "transfer1") == "predict2.5":
         return (f"Student: a copy of the teacher trained by 4-step DMD2 ({cfg['dmd2_iterations']} iterations, "
                 f"DMD2Config.cosmos_predict2_5 with the toy's learning rates{dmd2_refine}), sampled at 4 steps and, "
