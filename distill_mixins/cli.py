@@ -68,13 +68,14 @@ def demo_config(args: argparse.Namespace) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from distill_mixins.toy.demo import DemoStopped, run_demo
+    from distill_mixins.toy.demo import STUDENT_STEPS, DemoStopped, run_demo
     from distill_mixins.toy.report import format_table
 
     config = demo_config(args)
-    logger.info(
-        "toy Video2World demo: 36-step CFG teacher -> KD -> refined KD -> DMD2 -> 1-step student, in {}", config.out
-    )
+    stages = [name for name, n in (("KD", config.kd_iterations), ("refined KD", config.refine_iterations),
+                                   ("DMD2", config.dmd2_iterations)) if n > 0]
+    logger.info("toy Video2World demo ({}): {}-step CFG teacher -> {} -> {}-step student, in {}", config.recipe,
+                config.teacher_steps, " -> ".join(stages), STUDENT_STEPS[config.recipe][0], config.out)
     try:
         result = run_demo(config)
     except DemoStopped as stopped:

@@ -131,3 +131,16 @@ def test_dmd2s_energy_fields_are_checked():
         DMD2Config(energy_samples=1)
     with pytest.raises(ValueError, match=r"DMD2Config\.energy_weight"):
         DMD2Config(energy_weight=-1.0)
+
+
+def test_dmd2s_energy_term_refuses_a_scored_window_that_is_not_the_batch():
+    """A method whose ``student_clip`` scores another batch (Self-Forcing's longer rollouts; its config refuses the
+    combination too) would compare the student's clip with the wrong real clip: the term raises instead."""
+    from dataclasses import replace
+
+    model = dmd2_model(energy_weight=1.0)
+    batch = model.prepare_data(mixture_batch(ring_mixture(shape=SHAPE), 4, torch.Generator().manual_seed(0),
+                                              dtype=torch.float64))
+    noise = torch.randn_like(batch.x0)
+    with pytest.raises(ValueError, match="energy_weight > 0 scores the student's clip against the batch's real clip"):
+        model.energy_loss(batch, replace(batch), batch.x0, noise)

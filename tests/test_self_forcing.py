@@ -225,6 +225,7 @@ def test_a_longer_rollout_trains_through_the_window_only_with_the_teacher_on_the
     ({"rollout_frames": 1}, "rollout_frames=1"),
     ({"rollout_frames": True}, "rollout_frames=True"),
     ({"rollout_frames": 12, "refine_weight": 1.0}, "refine term"),
+    ({"rollout_frames": 12, "energy_weight": 1.0}, "energy-score term"),
 ])
 def test_longer_rollout_config_errors(values, message):
     with pytest.raises(ValueError, match=message):

@@ -86,6 +86,10 @@ class SelfForcingConfig(DMD2Config):
         if self.rollout_frames is not None and self.refine_weight > 0:
             raise ValueError("SelfForcingConfig.rollout_frames with refine_weight > 0: the refine term regresses the "
                              "clip's own noise, which a longer rollout does not have; set one of them off.")
+        if self.rollout_frames is not None and self.energy_weight > 0:
+            raise ValueError("SelfForcingConfig.rollout_frames with energy_weight > 0: the energy-score term scores "
+                             "the student's clip against the batch's real clip, and a longer rollout scores another "
+                             "window; set one of them off.")
         if self.student_weights is not None and not Path(self.student_weights).is_file():
             raise ValueError(
                 f"SelfForcingConfig.student_weights={self.student_weights!r} is not a file: extract the CausalKD "
