@@ -79,6 +79,16 @@ def test_self_forcing_guidance_and_pace_are_its_own(weights):
     assert pipeline.ode_pairs.kd_data["guidance"] == 3.0  # the ODE pairs keep the teacher's scale
 
 
+def test_kd_symmetries_give_causal_kd_the_moved_ode_pairs(weights):
+    plain = demo_pipeline(CausalDemoConfig(teacher_weights=weights, out="runs/x")).run_config().stages[0]
+    kd = demo_pipeline(CausalDemoConfig(teacher_weights=weights, out="runs/x", kd_symmetries=True,
+                                        kd_batch=4)).run_config().stages[0]
+    assert plain.data == "distill_mixins.trainer.pipeline:ode_pair_data"
+    assert kd.data == "distill_mixins.toy.demo_causal:symmetric_ode_pairs"
+    assert kd.data_args == {"batch_size": 4, "root": "runs/x/ode_pairs"}
+    assert plain.data_args["root"] == kd.data_args["root"]
+
+
 def _metrics(fd: float, long: dict[int, LongRollout] | None = None) -> CausalSamplerMetrics:
     return CausalSamplerMetrics(fd=fd, prompt_adherence=0.9, temporal_consistency=0.8, diversity=0.1,
                                 diversity_stderr=0.01, seconds_per_clip=1.0, first_chunk_s=0.1, frames_per_s=8.0,

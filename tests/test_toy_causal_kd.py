@@ -97,3 +97,30 @@ def test_teacher_samples_of_a_transformer_teacher_run_on_its_causal_host(dit_tea
     with torch.no_grad():
         clips = model.decode(teacher_sampler(model, 2, 3.0)(condition, uncondition, noise).float())
     assert torch.equal(as_8bit(clips), as_8bit(shipped.clips)) and shipped.again.shape[0] == 1
+
+
+def test_symmetric_ode_pairs_move_the_clip_the_path_and_the_prompt(dit_teacher, tmp_path):
+    """``--symmetries`` (toy-causal-kd) and ``kd_symmetries`` (demo-causal): CausalKD's batches are the ODE pairs'
+    batches with each sample moved by one symmetry of the square (clip, noise, clean latent, every path state and
+    the prompt's direction), the path's times kept; the run trains on them."""
+    from distill_mixins.trainer.pipeline import ode_pair_data
+
+    from distill_mixins.methods.kd import KD_NOISE, KD_PATH, KD_PATH_T, KD_TEACHER_X0
+    from distill_mixins.toy.demo_causal import symmetric_ode_pairs
+    from distill_mixins.toy.symmetry import SYMMETRIES
+
+    config = CausalKDRunConfig.quick(out=str(tmp_path), teacher_weights=str(dit_teacher), precision="fp32",
+                                     pairs=8, teacher_steps=4, eval_clips=8, sample_batch=8, symmetries=True)
+    result = run_causal_kd(config)
+    assert math.isfinite(result.samplers["student_streaming"]["fd"])
+    root = str(tmp_path / "ode_pairs")
+    plain, moved = (f(None, seed=3, root=root, batch_size=8).batch(0) for f in (ode_pair_data, symmetric_ode_pairs))
+    identity = 0
+    for i, prompt in enumerate(moved["prompt"]):
+        g = next(g for g in SYMMETRIES if g.prompt(plain["prompt"][i]) == prompt
+                 and torch.equal(moved["clip"][i], g.apply(plain["clip"][i])))
+        identity += g == SYMMETRIES[0]
+        for key in (KD_NOISE, KD_TEACHER_X0, KD_PATH):
+            assert torch.equal(moved[key][i], g.apply(plain[key][i])), key
+    assert torch.equal(moved[KD_PATH_T], plain[KD_PATH_T])
+    assert identity < 8  # the samples did move

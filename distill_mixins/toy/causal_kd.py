@@ -47,8 +47,9 @@ from distill_mixins.toy.evalset import (
     teacher_settings,
     usable_samples,
 )
+from distill_mixins.toy.symmetry import SymmetricPairs
 from distill_mixins.toy.train import dit_teacher_file, load_toy_teacher
-from distill_mixins.trainer import DistillationTrainer, MapStyleData, TrainerConfig
+from distill_mixins.trainer import DataSource, DistillationTrainer, MapStyleData, TrainerConfig
 
 
 class ToyCausalKD(CausalKDMixin, ToyCausalVideo2World):
@@ -70,6 +71,9 @@ class CausalKDRunConfig:
     batch_size: int = 16
     lr: float = 1e-4
     context_noise: float = 0.0
+    symmetries: bool = False
+    """Move each pair by a random rotation or reflection of the square world (:mod:`distill_mixins.toy.symmetry`):
+    every pair then stands for eight (docs/causal.md)."""
     eval_clips: int = 1024
     sample_batch: int = 64
     precision: str = "auto"
@@ -134,12 +138,14 @@ def make_pairs(config: CausalKDRunConfig, model: ToyCausalKD) -> Path:
 
 
 def train(config: CausalKDRunConfig, model: ToyCausalKD, data_dir: Path) -> None:
-    """Stage 2: CausalKD on the pairs (resumable)."""
+    """Stage 2: CausalKD on the pairs (each moved by a random symmetry with ``symmetries``; resumable)."""
     trainer_config = TrainerConfig(
         iterations=config.iterations, run_dir=str(Path(config.out) / "causal_kd"), batch_size=config.batch_size,
         autocast=TRAINER_AUTOCAST[config.precision], seed=config.seed, log_every=50, save_every=100, keep_last=1,
     )
-    data = MapStyleData(KDShardDataset(data_dir), config.batch_size, seed=config.seed)
+    data: DataSource = MapStyleData(KDShardDataset(data_dir), config.batch_size, seed=config.seed)
+    if config.symmetries:
+        data = SymmetricPairs(data, seed=config.seed)
     check_finished("causal_kd", DistillationTrainer(model, data, trainer_config).fit())
 
 

@@ -152,6 +152,8 @@ def register(commands: Any) -> None:
                              ("context-noise", float, "TrigFlow time of the clean context frames (0: none)"),
                              ("eval-clips", int, "held-out conditions evaluated"), ("seed", int, "seed")):
         causal.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, default=None, help=what)
+    causal.add_argument("--symmetries", action="store_true", default=None,
+                        help="move each pair by a random rotation or reflection of the square world")
     causal.add_argument("--precision", choices=PRECISIONS, default=None, help="auto (default), bf16 or fp32")
     causal.add_argument("--quick", action="store_true", help="a CI-sized run")
     causal.set_defaults(func=_toy_causal_kd)
@@ -176,6 +178,8 @@ def register(commands: Any) -> None:
                              ("eval-clips", int, "held-out conditions at 8 frames"),
                              ("long-clips", int, "held-out conditions of the long rollouts"), ("seed", int, "seed")):
         demo.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, default=None, help=what)
+    demo.add_argument("--kd-symmetries", dest="kd_symmetries", action="store_true", default=None,
+                      help="move each ODE pair by a random rotation or reflection of the square world in CausalKD")
     demo.add_argument("--precision", choices=PRECISIONS, default=None, help="auto (default), bf16 or fp32")
     demo.add_argument("--quick", action="store_true", help="a CI-sized run (under 2 minutes)")
     demo.set_defaults(func=_demo_causal)
