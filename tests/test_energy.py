@@ -48,6 +48,37 @@ def test_strictly_proper_on_a_two_point_law():
     assert expected([(a + b) / 2, (a + b) / 2]) == pytest.approx(d / 2, abs=1e-15)
 
 
+@pytest.mark.parametrize("beta", [0.5, 1.0, 1.5])
+def test_beta_sets_what_a_sample_between_two_modes_costs(beta):
+    """The two-point law (modes a, b at RMS distance d = 1): splitting scores 0 for every beta; two samples at the
+    midpoint (d/2)^beta, two at one mode d^beta / 2 = 1/2: the midpoint costs more than collapse below beta = 1,
+    the same at 1, less above."""
+    a, b = clip(0, 0, 0, 0), clip(2, 0, 0, 0)
+    mid = (a + b) / 2
+
+    def expected(samples: list[torch.Tensor]) -> float:
+        return 0.5 * float(energy_score(samples, a, beta)) + 0.5 * float(energy_score(samples, b, beta))
+
+    assert expected([a, b]) == pytest.approx(0.0, abs=1e-15)
+    assert expected([mid, mid]) == pytest.approx(0.5**beta, abs=1e-15)
+    assert expected([a, a]) == pytest.approx(0.5, abs=1e-15)
+    assert (expected([mid, mid]) > expected([a, a])) == (beta < 1)
+    x = a.clone().requires_grad_()  # a sample on a real clip and on another sample: finite (zero) gradient
+    energy_score([x, a], a, beta).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_beta_known_value_and_range():
+    """m = 2 against y = 0 (the known-value case above): (1^b + 1^b) / 2 - sqrt(2)^b / 2 at b = 0.5."""
+    y, x1, x2 = clip(0, 0, 0, 0), clip(2, 0, 0, 0), clip(0, 2, 0, 0)
+    assert float(energy_score([x1, x2], y, beta=0.5)) == pytest.approx(1 - 2**0.25 / 2, abs=1e-15)
+    for beta in (0.0, 2.0, -1.0, True):
+        with pytest.raises(ValueError, match="must be in \\(0, 2\\)"):
+            energy_score([x1, x2], y, beta=beta)
+    with pytest.raises(ValueError, match=r"DMD2Config\.energy_beta=2\.5 must be in"):
+        DMD2Config(energy_beta=2.5)
+
+
 def test_gradient_is_the_unit_vectors_of_the_equation():
     """m = 2: d ES / d x1 = (u(x1 - y) - u(x1 - x2)) / (2 sqrt(D)), u the unit vector; the repulsion is unit-length
     even when the two samples nearly coincide."""
@@ -124,6 +155,17 @@ def test_dmd2s_energy_term_is_off_by_default_and_linear_in_its_weight():
     assert torch.equal(out1["loss_dmd"], out0["loss_dmd"]) and float(out1["loss_energy"]) > 0
     assert (g1 - g0).norm() > 1e-3 * g0.norm()
     assert torch.allclose(g3 - g0, 3.0 * (g1 - g0), rtol=1e-9, atol=1e-12)
+
+
+def test_dmd2s_energy_term_uses_its_beta():
+    """The logged term is the energy score at ``energy_beta`` of the same draws: with the draws equal, beta = 1
+    reproduces the default run and another beta changes the term and the gradient."""
+    out1, g1 = student_grad(dmd2_model(energy_weight=1.0))
+    out_b1, g_b1 = student_grad(dmd2_model(energy_weight=1.0, energy_beta=1.0))
+    out_half, g_half = student_grad(dmd2_model(energy_weight=1.0, energy_beta=0.5))
+    assert torch.equal(g1, g_b1) and torch.equal(out1["loss_energy"], out_b1["loss_energy"])
+    assert not torch.equal(out_half["loss_energy"], out1["loss_energy"]) and not torch.allclose(g_half, g1)
+    assert torch.equal(out_half["loss_dmd"], out1["loss_dmd"])
 
 
 def test_dmd2s_energy_fields_are_checked():

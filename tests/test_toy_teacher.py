@@ -71,6 +71,7 @@ def test_demo_help_states_the_config_defaults(capsys):
                         ("refined-KD iterations between KD and DMD2, 0 skips them", defaults.refine_iterations),
                         ("0 runs plain DMD2", f"{defaults.dmd2_refine_weight:g}"),
                         ("keeps per-condition diversity", f"{defaults.dmd2_energy_weight:g}"),
+                        ("a sample between two modes costs more", f"{defaults.dmd2_energy_beta:g}"),
                         ("student learning rate", f"{defaults.dmd2_student_lr:g}")):
         assert f"{flag} (default {value})" in text, flag
     assert f"(default {defaults.guidance:g})" in text
@@ -109,6 +110,10 @@ def test_demo_energy_term_and_student_lr_reach_dmd2():
     assert config.energy_weight == 0.0 and config.energy_samples == 2 and config.student_optimizer.lr == 1e-5
     with pytest.raises(ValueError, match="DemoConfig.dmd2_energy_weight=-1.0"):
         DemoConfig(dmd2_energy_weight=-1.0)
+    beta = dmd2_config(demo_config(build_parser().parse_args(["demo", "--dmd2-energy-beta", "0.5"])))
+    assert beta.energy_beta == 0.5 and dmd2_config(DemoConfig()).energy_beta == DemoConfig().dmd2_energy_beta
+    with pytest.raises(ValueError, match=r"DemoConfig.dmd2_energy_beta=2.0 must be in \(0, 2\)"):
+        DemoConfig(dmd2_energy_beta=2.0)
 
 
 def test_gap_closed_known_answers():

@@ -11,6 +11,7 @@ import torch
 
 from distill_mixins.eval import (
     VideoFeatureNet,
+    between_speeds,
     diversity,
     diversity_stats,
     evaluate_clips,
@@ -337,6 +338,24 @@ def test_prompt_adherence_known_answers(motion_set):
     assert figures["static"] == 0.0 and figures["smeared"] <= 0.05 and figures["frames shuffled"] == 0.0
 
 
+def test_between_speeds_known_answers(motion_set):
+    """Clips at a constant speed between the data's two (2.5 px/frame) that miss the prompt are all counted, real
+    clips and speeds outside the range (static, 4 px/frame) are not."""
+    video, prompts, specs = motion_set.video, motion_set.prompts, motion_set.specs
+    midway = with_speed(specs, 0.5 * (SPEEDS[0] + SPEEDS[1]))
+    missed = 1.0 - prompt_adherence(midway, prompts)
+    figures = {"real": between_speeds(video, prompts), "midway": between_speeds(midway, prompts),
+               "static": between_speeds(with_speed(specs, 0.0), prompts),
+               "4 px/frame": between_speeds(with_speed(specs, 4.0), prompts)}
+    print(f"\nbetween_speeds: {figures}; midway clips missing the prompt: {missed:.4f}")
+    assert figures["real"] == 0.0 and figures["static"] == 0.0 and figures["4 px/frame"] <= 0.02
+    assert missed >= 0.9 and figures["midway"] == pytest.approx(missed, abs=1e-12)  # every miss fits 2.5 px/frame
+    tracks = track(midway, prompts)
+    assert between_speeds(midway, prompts, tracks=tracks) == figures["midway"]
+    with pytest.raises(ValueError, match="resolution=1.0 leaves no speed"):
+        between_speeds(video, prompts, resolution=1.0)
+
+
 def test_prompt_adherence_needs_the_bounce():
     """Shapes heading for a near wall that keep going (no reflection) fail; the same clips bouncing pass."""
     specs = []
@@ -450,4 +469,5 @@ def test_evaluate_clips():
     assert bare.fd == pytest.approx(m.fd, rel=1e-9) and bare.prompt_adherence == m.prompt_adherence
     assert bare.diversity is None and bare.motion_diversity is None and bare.fd_floor is None
     assert set(m.to_dict()) == {"fd", "prompt_adherence", "temporal_consistency", "diversity", "motion_diversity",
-                                "fd_floor", "num_clips"}
+                                "fd_floor", "num_clips", "between_speeds"}
+    assert m.between_speeds == 0.0

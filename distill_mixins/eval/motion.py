@@ -91,13 +91,10 @@ def track(clips: Tensor, prompts: Sequence[str]) -> Tracks:
     return Tracks(centers=centers, areas=area, weights=w, masks=w > 0.5)
 
 
-def prompt_adherence_per_clip(
-    clips: Tensor, prompts: Sequence[str], *, tolerance: float = 1.5, tracks: Tracks | None = None
-) -> Adherence:
-    """Per clip: do the tracked centres (all T frames) stay within ``tolerance`` px, on both axes, of the bouncing
-    trajectory (:func:`distill_mixins.toy.clips.trajectory`) that starts at frame 0's tracked centre and moves in
-    the prompt's direction at the best speed in :data:`SPEEDS`? Clips (N, 3, T, H, W) with square frames;
-    ``tracks``: ``track(clips, prompts)`` if already computed."""
+def _speed_errors(clips: Tensor, prompts: Sequence[str], speeds: Sequence[float], tracks: Tracks | None) -> Tensor:
+    """(len(speeds), N) float64: per speed and clip, the largest per-axis deviation (px, inf where a frame has no
+    shape) of the tracked centres from the bouncing trajectory at that speed in the prompt's direction that starts at
+    frame 0's tracked centre."""
     clips = check_clips(clips)
     n, _, t, h, wd = clips.shape
     if h != wd:
@@ -107,13 +104,42 @@ def prompt_adherence_per_clip(
     centers = (track(clips, prompts) if tracks is None else tracks).centers.cpu()
     start = centers[:, 0].clamp(RADIUS, wd - RADIUS)  # NaN stays NaN
     errors = []
-    for speed in SPEEDS:
-        expected = trajectory(start, step, torch.full((n,), speed, dtype=torch.float64), t, wd, RADIUS)
+    for speed in speeds:
+        expected = trajectory(start, step, torch.full((n,), float(speed), dtype=torch.float64), t, wd, RADIUS)
         err = (centers - expected).abs().amax(dim=(1, 2))
         errors.append(torch.nan_to_num(err, nan=float("inf")))
-    error, best = torch.stack(errors).min(dim=0)
+    return torch.stack(errors)
+
+
+def prompt_adherence_per_clip(
+    clips: Tensor, prompts: Sequence[str], *, tolerance: float = 1.5, tracks: Tracks | None = None
+) -> Adherence:
+    """Per clip: do the tracked centres (all T frames) stay within ``tolerance`` px, on both axes, of the bouncing
+    trajectory (:func:`distill_mixins.toy.clips.trajectory`) that starts at frame 0's tracked centre and moves in
+    the prompt's direction at the best speed in :data:`SPEEDS`? Clips (N, 3, T, H, W) with square frames;
+    ``tracks``: ``track(clips, prompts)`` if already computed."""
+    error, best = _speed_errors(clips, prompts, SPEEDS, tracks).min(dim=0)
     speed = torch.tensor(SPEEDS, dtype=torch.float64)[best]
     return Adherence(ok=error <= tolerance, error=error, speed=speed)
+
+
+def between_speeds(
+    clips: Tensor, prompts: Sequence[str], *, tolerance: float = 1.5, tracks: Tracks | None = None,
+    resolution: float = 0.05,
+) -> float:
+    """Fraction in [0, 1] of clips (N, 3, T, H, W) that miss prompt adherence (no speed of :data:`SPEEDS` fits
+    within ``tolerance`` px) but follow the prompt's direction at a constant speed strictly between the slowest and
+    the fastest of them (one on a grid of ``resolution`` px/frame fits): the blend of two speeds a one-step
+    generator draws where its noise -> speed map is smooth. Real toy clips score 0."""
+    low, high = min(SPEEDS), max(SPEEDS)
+    steps = round((high - low) / resolution)
+    grid = [low + k * (high - low) / steps for k in range(1, steps)]
+    if not grid:
+        raise ValueError(f"between_speeds: resolution={resolution} leaves no speed strictly between {low} and {high}.")
+    tracks = track(clips, prompts) if tracks is None else tracks
+    adherence = prompt_adherence_per_clip(clips, prompts, tolerance=tolerance, tracks=tracks)
+    between = _speed_errors(clips, prompts, grid, tracks).min(dim=0).values <= tolerance
+    return float((between & ~adherence.ok).double().mean())
 
 
 def prompt_adherence(

@@ -19,7 +19,14 @@ from distill_mixins.eval.fd import (
     frechet_video_distance,
     video_features,
 )
-from distill_mixins.eval.motion import diversity, motion_diversity, prompt_adherence, temporal_consistency, track
+from distill_mixins.eval.motion import (
+    between_speeds,
+    diversity,
+    motion_diversity,
+    prompt_adherence,
+    temporal_consistency,
+    track,
+)
 
 __all__ = ["VideoMetrics", "evaluate_clips", "fd_floor", "frechet_video_distance"]
 
@@ -30,7 +37,8 @@ class VideoMetrics:
     the FD of two real sets, None unless ``real_again`` was given); ``prompt_adherence`` and
     ``temporal_consistency`` in [0, 1] (real clips: 1.0 and ~0.98); ``diversity`` (pixel RMS, [0, 2]) and
     ``motion_diversity`` (px) between two generations of the same conditions (None without ``generated_again``);
-    ``num_clips`` N."""
+    ``num_clips`` N; ``between_speeds``: the share of clips that miss the prompt by moving at a constant speed
+    between the data's speeds (:func:`~distill_mixins.eval.motion.between_speeds`; real clips: 0)."""
 
     fd: float
     prompt_adherence: float
@@ -39,6 +47,7 @@ class VideoMetrics:
     motion_diversity: float | None
     fd_floor: float | None
     num_clips: int
+    between_speeds: float
 
     def to_dict(self) -> dict[str, float | int | None]:
         """The fields as a JSON-ready dict."""
@@ -80,5 +89,6 @@ def evaluate_clips(
         motion_diversity=mdiv,
         fd_floor=floor,
         num_clips=generated.shape[0],
+        between_speeds=between_speeds(generated, prompts, tracks=tracks),
     )
 

@@ -31,7 +31,7 @@ from distill_mixins.discriminator import (
     gan_generator_loss,
     r1_penalty,
 )
-from distill_mixins.methods.energy import energy_score
+from distill_mixins.methods.energy import check_beta, energy_score
 from distill_mixins.methods.refined_kd import check_refine, refine_times, refine_with_teacher
 from distill_mixins.sampling import cosmos_guidance_to_w, guided_x0, initial_state, renoise_state
 from distill_mixins.trigflow import add_noise
@@ -92,11 +92,15 @@ class DMD2Config(DistillConfig):
     energy_samples: int = 2
     """Student samples per condition in the energy-score term (m >= 2; each extra one costs a student forward and
     backward)."""
+    energy_beta: float = 1.0
+    """The energy score's exponent on distances, in (0, 2): 1 as in Gneiting & Raftery's usual form; below 1 it
+    scores a sample between two modes worse than one at a mode (:mod:`distill_mixins.methods.energy`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
         check_positive(name, "energy_weight", self.energy_weight, allow_zero=True)
+        self.energy_beta = check_beta(self.energy_beta, f"{name}.energy_beta")
         if isinstance(self.energy_samples, bool) or not isinstance(self.energy_samples, int) or self.energy_samples < 2:
             raise ValueError(f"{name}.energy_samples={self.energy_samples!r} must be an int >= 2 (the energy score "
                              "compares samples of one condition with each other).")
@@ -324,7 +328,7 @@ class DMD2Mixin(DistillationCoreMixin):
             )
         m = self.distill_config.energy_samples  # type: ignore[attr-defined]
         extra = [self.student_clip(batch, self.draws.randn_like(noise), grad=True)[0] for _ in range(m - 1)]
-        return energy_score([G, *extra], batch.x0).mean()
+        return energy_score([G, *extra], batch.x0, beta=self.distill_config.energy_beta).mean()  # type: ignore[attr-defined]
 
     def training_step_critic(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
         """Critic phase: fake-score denoising loss on student samples (+ discriminator loss and R1)."""

@@ -38,6 +38,7 @@ from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
+from distill_mixins.methods.energy import check_beta
 from distill_mixins.precision import PrecisionReport, autocast, check_precision, frozen_weights_for
 from distill_mixins.toy.clips import make_clips
 from distill_mixins.toy.curve import CurvePoint, steps_curve
@@ -121,6 +122,10 @@ class DemoConfig:
     """Weight of DMD2's energy-score term on the training clips (:class:`~distill_mixins.methods.DMD2Config`
     ``energy_weight``, two samples a condition): it keeps the per-condition diversity that the refined-KD stage and
     the refine term take away (docs/toy.md has the measured trade with adherence)."""
+    dmd2_energy_beta: float = 0.5
+    """The energy score's exponent on distances (``DMD2Config.energy_beta``, in (0, 2)); below 1 a clip between
+    two modes (a speed between the data's two) costs more than one at a mode. 0.5 measured better than 1 on every
+    figure of the transfer1 student (docs/methods/dmd2.md)."""
     refine_iterations: int = 0
     """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage (the
     default since it costs the student its diversity: 320 gave adherence 0.89-0.91 and diversity 0.28-0.30x)."""
@@ -158,6 +163,7 @@ class DemoConfig:
         if not self.dmd2_energy_weight >= 0:
             raise ValueError(f"DemoConfig.dmd2_energy_weight={self.dmd2_energy_weight} must be >= 0 (0: no energy "
                              "term).")
+        check_beta(self.dmd2_energy_beta, "DemoConfig.dmd2_energy_beta")
         if not self.dmd2_refine_weight >= 0:
             raise ValueError(f"DemoConfig.dmd2_refine_weight={self.dmd2_refine_weight} must be >= 0 (0: plain DMD2).")
         if not 0.0 < self.refine_tau < 1.0:
@@ -287,6 +293,7 @@ def dmd2_config(config: DemoConfig) -> DMD2Config:
         "critic_time": TimeSamplerConfig(kind="shifted_uniform", shift=5.0), "ema": EMAConfig(halflife_steps=20.0),
         "refine_weight": config.dmd2_refine_weight, "refine_time": refine_time(config),
         "refine_teacher_steps": config.refine_teacher_steps, "energy_weight": config.dmd2_energy_weight,
+        "energy_beta": config.dmd2_energy_beta,
     }
     if config.recipe == "predict2.5":
         return DMD2Config.cosmos_predict2_5(**values)
@@ -390,7 +397,9 @@ def student_sampler(model: Student, steps: int) -> Sampler:
 class SamplerMetrics:
     """Figures of one sampler on the held-out conditions; ``diversity`` with its standard error over the
     ``diversity_clips`` conditions sampled twice, and ``speed_split``: the share of them (both samples following the
-    prompt) whose two samples move at different speeds (:class:`~distill_mixins.eval.motion.DiversityStats`)."""
+    prompt) whose two samples move at different speeds (:class:`~distill_mixins.eval.motion.DiversityStats`);
+    ``between_speeds``: the share of clips that miss the prompt by moving at a speed between the data's two
+    (:func:`~distill_mixins.eval.motion.between_speeds`: a one-step student's blend)."""
 
     fd: float
     prompt_adherence: float
@@ -400,6 +409,7 @@ class SamplerMetrics:
     speed_split: float
     nfe: int
     latency_s_per_clip: float
+    between_speeds: float
 
 
 @dataclass
@@ -533,7 +543,7 @@ def evaluate(model: Student, config: DemoConfig) -> Evaluation:
             fd=figures.fd, prompt_adherence=figures.prompt_adherence,
             temporal_consistency=figures.temporal_consistency, diversity=spread.mean,
             diversity_stderr=spread.stderr, speed_split=spread.speed_split, nfe=nfe,
-            latency_s_per_clip=run.latency_s_per_clip,
+            latency_s_per_clip=run.latency_s_per_clip, between_speeds=figures.between_speeds,
         )
         clips[name], again[name] = run.clips, run.again
         logger.info("{}: {}", name, results[name])

@@ -54,13 +54,13 @@ def acceptance(result: DemoResult) -> list[tuple[str, bool, str]]:
 def format_table(result: DemoResult) -> str:
     """The figures as a fixed-width table (also printed by ``distill-mixins demo``)."""
     head = f"{'sampler':22s} {'FD':>8s} {'FD/floor':>9s} {'adherence':>10s} {'consistency':>12s} " \
-           f"{'diversity':>16s} {'speed split':>11s} {'NFE':>5s} {'ms/clip':>9s}"
+           f"{'diversity':>16s} {'speed split':>11s} {'between':>8s} {'NFE':>5s} {'ms/clip':>9s}"
     lines = [head]
     for name, m in result.samplers.items():
         lines.append(
             f"{name:22s} {m.fd:8.2f} {m.fd / result.fd_floor:9.2f} {m.prompt_adherence:10.3f} "
             f"{m.temporal_consistency:12.3f} {m.diversity:8.4f} +-{m.diversity_stderr:6.4f} {m.speed_split:11.3f} "
-            f"{m.nfe:5d} {1000 * m.latency_s_per_clip:9.2f}"
+            f"{m.between_speeds:8.3f} {m.nfe:5d} {1000 * m.latency_s_per_clip:9.2f}"
         )
     lines.append(f"{'real vs real (floor)':22s} {result.fd_floor:8.2f} {1.0:9.2f}")
     lines.append(
@@ -202,7 +202,9 @@ independent sets of real clips. gap_closed = (FD teacher 1-step - FD student) / 
 36-step CFG). Diversity: the RMS pixel difference between two samples (two noises) of each of the first
 {cfg['diversity_clips']} held-out conditions, +- its standard error; speed split: the share of those conditions (both
 samples following the prompt) whose two samples move at different speeds (the prompt does not name the speed: the
-data split about half of them, a collapsed generator none). Every clip is evaluated as 8-bit video. Latency:
+data split about half of them, a collapsed generator none); between: the share of clips that miss the prompt by
+moving at a constant speed between the data's two (a one-step generator's blend of the two; real clips 0).
+Every clip is evaluated as 8-bit video. Latency:
 sampling time per clip in batches of {cfg['sample_batch']}, same run. Precision: {precision_line(result)}.
 Teacher 36-step clips: {teacher_line(result)}.
 Stages: {stages}.
