@@ -84,7 +84,7 @@ def test_kd_symmetries_give_causal_kd_the_moved_ode_pairs(weights):
     kd = demo_pipeline(CausalDemoConfig(teacher_weights=weights, out="runs/x", kd_symmetries=True,
                                         kd_batch=4)).run_config().stages[0]
     assert plain.data == "distill_mixins.trainer.pipeline:ode_pair_data"
-    assert kd.data == "distill_mixins.toy.demo_causal:symmetric_ode_pairs"
+    assert kd.data == "distill_mixins.toy.symmetry:symmetric_ode_pairs"
     assert kd.data_args == {"batch_size": 4, "root": "runs/x/ode_pairs"}
     assert plain.data_args["root"] == kd.data_args["root"]
 

@@ -99,21 +99,30 @@ def test_teacher_samples_of_a_transformer_teacher_run_on_its_causal_host(dit_tea
     assert torch.equal(as_8bit(clips), as_8bit(shipped.clips)) and shipped.again.shape[0] == 1
 
 
-def test_symmetric_ode_pairs_move_the_clip_the_path_and_the_prompt(dit_teacher, tmp_path):
+def test_symmetric_ode_pairs_move_the_clip_the_path_and_the_prompt(dit_teacher, tmp_path, monkeypatch):
     """``--symmetries`` (toy-causal-kd) and ``kd_symmetries`` (demo-causal): CausalKD's batches are the ODE pairs'
     batches with each sample moved by one symmetry of the square (clip, noise, clean latent, every path state and
     the prompt's direction), the path's times kept; the run trains on them."""
     from distill_mixins.trainer.pipeline import ode_pair_data
 
     from distill_mixins.methods.kd import KD_NOISE, KD_PATH, KD_PATH_T, KD_TEACHER_X0
-    from distill_mixins.toy.demo_causal import symmetric_ode_pairs
-    from distill_mixins.toy.symmetry import SYMMETRIES
+    from distill_mixins.toy import causal_kd
+    from distill_mixins.toy.symmetry import SYMMETRIES, symmetric_ode_pairs
+
+    calls = []  # the run's CausalKD stage must draw its batches from the symmetric pairs
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return symmetric_ode_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(causal_kd, "symmetric_ode_pairs", spy)
 
     config = CausalKDRunConfig.quick(out=str(tmp_path), teacher_weights=str(dit_teacher), precision="fp32",
                                      pairs=8, teacher_steps=4, eval_clips=8, sample_batch=8, symmetries=True)
     result = run_causal_kd(config)
     assert math.isfinite(result.samplers["student_streaming"]["fd"])
     root = str(tmp_path / "ode_pairs")
+    assert calls == [{"seed": config.seed, "root": root, "batch_size": config.batch_size}]
     plain, moved = (f(None, seed=3, root=root, batch_size=8).batch(0) for f in (ode_pair_data, symmetric_ode_pairs))
     identity = 0
     for i, prompt in enumerate(moved["prompt"]):

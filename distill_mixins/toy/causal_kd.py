@@ -29,7 +29,7 @@ from loguru import logger
 from distill_mixins.causal import generate_causal
 from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig
-from distill_mixins.data import KDDataConfig, KDShardDataset, generate_ode_pairs
+from distill_mixins.data import KDDataConfig, generate_ode_pairs
 from distill_mixins.methods.causal_kd import CausalKDConfig, CausalKDMixin
 from distill_mixins.precision import autocast, check_precision, frozen_weights_for
 from distill_mixins.toy.causal_dit import ToyCausalDiT, ToyCausalVideo2World
@@ -47,9 +47,10 @@ from distill_mixins.toy.evalset import (
     teacher_settings,
     usable_samples,
 )
-from distill_mixins.toy.symmetry import SymmetricPairs
+from distill_mixins.toy.symmetry import symmetric_ode_pairs
 from distill_mixins.toy.train import dit_teacher_file, load_toy_teacher
-from distill_mixins.trainer import DataSource, DistillationTrainer, MapStyleData, TrainerConfig
+from distill_mixins.trainer import DistillationTrainer, TrainerConfig
+from distill_mixins.trainer.pipeline import ode_pair_data
 
 
 class ToyCausalKD(CausalKDMixin, ToyCausalVideo2World):
@@ -143,9 +144,8 @@ def train(config: CausalKDRunConfig, model: ToyCausalKD, data_dir: Path) -> None
         iterations=config.iterations, run_dir=str(Path(config.out) / "causal_kd"), batch_size=config.batch_size,
         autocast=TRAINER_AUTOCAST[config.precision], seed=config.seed, log_every=50, save_every=100, keep_last=1,
     )
-    data: DataSource = MapStyleData(KDShardDataset(data_dir), config.batch_size, seed=config.seed)
-    if config.symmetries:
-        data = SymmetricPairs(data, seed=config.seed)
+    pairs = symmetric_ode_pairs if config.symmetries else ode_pair_data
+    data = pairs(model, seed=config.seed, root=str(data_dir), batch_size=config.batch_size)
     check_finished("causal_kd", DistillationTrainer(model, data, trainer_config).fit())
 
 

@@ -54,10 +54,9 @@ from distill_mixins.toy.evalset import (
     teacher_settings,
     usable_samples,
 )
-from distill_mixins.toy.symmetry import SymmetricPairs
 from distill_mixins.toy.train import dit_teacher_file, load_toy_teacher
 from distill_mixins.trainer import FunctionData
-from distill_mixins.trainer.pipeline import ODE_PAIRS_DIR, SelfForcingPipeline, ode_pair_data, run_pipeline
+from distill_mixins.trainer.pipeline import ODE_PAIRS_DIR, SelfForcingPipeline, run_pipeline
 from distill_mixins.trainer.stages import EMA_FILE, STUDENT_FILE
 
 WINDOW = 8
@@ -82,7 +81,7 @@ class CausalDemoConfig:
     kd_lr: float = 1e-4
     kd_symmetries: bool = False
     """Move each ODE pair by a random rotation or reflection of the square world in CausalKD
-    (:func:`symmetric_ode_pairs`)."""
+    (:func:`~distill_mixins.toy.symmetry.symmetric_ode_pairs`)."""
     sf_iterations: int = 60
     sf_batch: int = 8
     sf_student_lr: float = 5e-5
@@ -182,13 +181,6 @@ def conditions(model: Any, *, seed: int, batch_size: int) -> FunctionData:
     return FunctionData(batch)
 
 
-def symmetric_ode_pairs(model: Any, *, seed: int, root: str, batch_size: int = 16) -> SymmetricPairs:
-    """CausalKD's data with ``kd_symmetries``: the ODE pairs in ``root`` (:func:`ode_pair_data`), each pair moved by
-    a random symmetry of the square world (:class:`~distill_mixins.toy.symmetry.SymmetricPairs`), so that every pair
-    stands for eight."""
-    return SymmetricPairs(ode_pair_data(model, seed=seed, root=root, batch_size=batch_size), seed=seed)
-
-
 KD_BETAS, SF_BETAS = [0.9, 0.99], [0.0, 0.999]
 """AdamW betas of CausalKD (regression) and of Self-Forcing's student and critic (the published DMD values)."""
 
@@ -209,7 +201,7 @@ def demo_pipeline(config: CausalDemoConfig) -> SelfForcingPipeline:
 
     kd_data: dict[str, Any] = {"data_args": {"batch_size": config.kd_batch}}
     if config.kd_symmetries:
-        kd_data = {"data": f"{__name__}:symmetric_ode_pairs",
+        kd_data = {"data": "distill_mixins.toy.symmetry:symmetric_ode_pairs",
                    "data_args": {"batch_size": config.kd_batch, "root": str(Path(config.out) / ODE_PAIRS_DIR)}}
     data = {
         "run_dir": config.out, "seed": config.seed,
@@ -522,5 +514,5 @@ def config_from_args(values: dict[str, Any], quick: bool) -> CausalDemoConfig:
 
 
 __all__ = ["CausalDemoConfig", "CausalDemoResult", "CausalSamplerMetrics", "LongRollout", "Students",
-           "build_model", "conditions", "demo_pipeline", "evaluate", "run_demo_causal", "symmetric_ode_pairs",
-           "teacher_batches", "timed_stream"]
+           "build_model", "conditions", "demo_pipeline", "evaluate", "run_demo_causal", "teacher_batches",
+           "timed_stream"]

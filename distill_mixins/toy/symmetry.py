@@ -87,3 +87,12 @@ class SymmetricPairs:
         generator = torch.Generator().manual_seed(mixed_seed(self.seed, step))
         picks = torch.randint(len(SYMMETRIES), (len(batch["prompt"]),), generator=generator)
         return move_batch(batch, [SYMMETRIES[i] for i in picks.tolist()], self.keys)
+
+
+def symmetric_ode_pairs(model: Any, *, seed: int, root: str, batch_size: int = 16) -> SymmetricPairs:
+    """CausalKD's data on the square's symmetries: the ODE pairs in ``root``
+    (:func:`~distill_mixins.trainer.pipeline.ode_pair_data`), each pair moved by a random symmetry, so that every
+    pair stands for eight (``toy-causal-kd --symmetries``, ``demo-causal --kd-symmetries``)."""
+    from distill_mixins.trainer.pipeline import ode_pair_data
+
+    return SymmetricPairs(ode_pair_data(model, seed=seed, root=root, batch_size=batch_size), seed=seed)
