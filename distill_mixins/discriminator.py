@@ -268,7 +268,8 @@ class Conv3dHead(nn.Module):
         if features.ndim != 5:
             raise ValueError(
                 f"Conv3dHead got features of shape {tuple(features.shape)}; it takes 5-D video features "
-                f"(layout={self.layout!r}). For token features (B, N, D) use kind='attention'."
+                f"(layout={self.layout!r}). For token features (B, N, D) or image features (B, C, H, W) (e.g. a 2D UNet "
+                "that stacks frames as channels) use kind='attention'."
             )
         x = _channels_first(features, self.layout)
         if x.shape[1] != self.in_channels:

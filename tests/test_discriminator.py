@@ -233,6 +233,8 @@ def test_head_output_shapes_for_both_layouts():
     assert torch.equal(attn_last(image.permute(0, 2, 3, 1)), attn(image))
     with pytest.raises(ValueError, match="takes 5-D video features"):
         conv(tokens)
+    with pytest.raises(ValueError, match=r"image features \(B, C, H, W\).*kind='attention'"):
+        conv(image)
     with pytest.raises(ValueError, match=r"in_channels=4\) got 5 channels.*feature_dim"):
         conv(torch.randn(B, 5, T, H, W))
     with pytest.raises(ValueError, match=r"dim=4\) got features .* width 6"):
