@@ -47,7 +47,7 @@ def _demo_analytic(args: argparse.Namespace) -> int:
 
 DEMO_FLAGS = (
     "pairs", "eval_clips", "diversity_clips", "kd_iterations", "dmd2_iterations", "dmd2_refine_weight",
-    "dmd2_energy_weight", "dmd2_energy_beta", "dmd2_student_lr", "refine_iterations", "guidance",
+    "dmd2_energy_weight", "dmd2_energy_beta", "dmd2_gan_weight", "dmd2_student_lr", "refine_iterations", "guidance",
     "seed", "teacher_weights", "spot_check", "batch_size", "sample_batch",
 )
 
@@ -119,6 +119,11 @@ def _add_demo(commands: Any) -> None:
         "--dmd2-energy-beta", dest="dmd2_energy_beta", type=float, default=None,
         help="the energy score's exponent on distances, in (0, 2); below 1 a sample between two modes costs more "
         "(default 0.5)",
+    )
+    demo.add_argument(
+        "--dmd2-gan-weight", dest="dmd2_gan_weight", type=float, default=None,
+        help="weight of DMD2's GAN term (attention heads on the critic's features, at their own times); 0: off "
+        "(default 0)",
     )
     demo.add_argument(
         "--dmd2-student-lr", dest="dmd2_student_lr", type=float, default=None,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.hooks import RemovableHandle
 
-from distill_mixins.config import check_choice, check_positive, config_to_dict
+from distill_mixins.config import TimeSamplerConfig, check_choice, check_positive, config_to_dict
 
 KINDS = ("conv3d", "attention")
 SOURCES = ("teacher", "critic")
@@ -268,8 +268,8 @@ class Conv3dHead(nn.Module):
         if features.ndim != 5:
             raise ValueError(
                 f"Conv3dHead got features of shape {tuple(features.shape)}; it takes 5-D video features "
-                f"(layout={self.layout!r}). For token features (B, N, D) or image features (B, C, H, W) (e.g. a 2D UNet "
-                "that stacks frames as channels) use kind='attention'."
+                f"(layout={self.layout!r}). For token features (B, N, D) or image features (B, C, H, W) (e.g. a "
+                "2D UNet that stacks frames as channels) use kind='attention'."
             )
         x = _channels_first(features, self.layout)
         if x.shape[1] != self.in_channels:
@@ -369,6 +369,9 @@ class DiscriminatorConfig:
     ``block_path``: dotted path to the blocks (``None``: the host's ``feature_blocks(net)`` if defined,
     else the longest ``nn.ModuleList``). ``source``: tap the frozen ``teacher`` or the ``critic``.
     ``r1_weight``: weight of the R1 penalty on real inputs (StyleGAN2's ``gamma / 2``); 0 turns it off.
+    ``time``: the GAN terms' own time law (``None``: the critic's time and re-noised sample, as the published
+    recipes, sharing the tapped network's forward with the DMD term; set, the real and fake clips are re-noised at
+    times drawn from it, one more forward of the tapped network per phase).
     """
 
     kind: str
@@ -386,9 +389,13 @@ class DiscriminatorConfig:
     heads: int = 4
     """Attention head: attention heads (``hidden`` must be divisible by it)."""
     r1_weight: float = 0.0
+    time: TimeSamplerConfig | None = None
 
     def __post_init__(self) -> None:
         check_choice("DiscriminatorConfig", "kind", self.kind, KINDS)
+        if self.time is not None and not isinstance(self.time, TimeSamplerConfig):
+            raise TypeError(f"DiscriminatorConfig.time must be a TimeSamplerConfig or None (the critic's time), got "
+                            f"{self.time!r}.")
         check_choice("DiscriminatorConfig", "source", self.source, SOURCES)
         check_choice("DiscriminatorConfig", "layout", self.layout, LAYOUTS)
         self.taps = _int_tuple("taps", self.taps)

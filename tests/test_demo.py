@@ -206,3 +206,27 @@ def test_every_sampler_is_timed_on_the_spot_check_clips_at_the_teachers_batch(mo
     assert len(calls) == demo.TIMING_REPEATS == 3
     for prompts, noise, batch in calls:
         assert prompts == held.clips.prompts[:5] and torch.equal(noise, held.noise[:5]) and batch == 64
+
+
+def test_gan_flag_puts_attention_heads_on_the_critic_at_their_own_times_and_trains_them():
+    import torch
+
+    from distill_mixins.cli import build_parser, demo_config
+    from distill_mixins.toy.clips import make_clips
+    from distill_mixins.toy.demo import ToyDMD2, dmd2_config, toy_discriminator
+    from distill_mixins.toy.train import load_toy_teacher
+
+    config = demo_config(build_parser().parse_args(["demo", "--dmd2-gan-weight", "0.1", "--precision", "fp32"]))
+    distill = dmd2_config(config)
+    assert (distill.gan_loss_weight, distill.discriminator) == (0.1, toy_discriminator())
+    assert distill.discriminator.time is not None and distill.discriminator_optimizer.lr == 1e-3
+    assert dmd2_config(DemoConfig()).gan_loss_weight == 0.0  # off by default
+    with pytest.raises(ValueError, match="DemoConfig.dmd2_gan_weight=-1"):
+        DemoConfig(dmd2_gan_weight=-1)
+    teacher = load_toy_teacher()
+    model = ToyDMD2(teacher.net, teacher.text_encoder, distill=distill)
+    clips = make_clips(2, 0)
+    batch = {"clip": clips.video, "prompt": clips.prompts}
+    for it, key in ((0, "loss_gan_generator"), (1, "loss_gan_discriminator")):  # a student phase, then a critic one
+        out, loss = model.training_step(batch, it)
+        assert torch.isfinite(out[key]) and torch.isfinite(loss)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from distill_mixins.config import TimeSamplerConfig
 from distill_mixins.discriminator import (
     Conv3dHead,
     Discriminator,
@@ -20,6 +21,7 @@ from distill_mixins.discriminator import (
     gan_generator_loss,
     r1_penalty,
 )
+from distill_mixins.run_config import build_dataclass
 
 torch.set_num_threads(1)
 
@@ -359,6 +361,10 @@ def test_config_validation_names_the_field():
     config = DiscriminatorConfig(kind="attention", feature_dim=8, taps=[11, 19, 27])
     assert config.taps == (11, 19, 27) and config.feature_dim == (8, 8, 8)
     assert config.to_dict()["taps"] == [11, 19, 27]
+    with pytest.raises(TypeError, match="DiscriminatorConfig.time must be a TimeSamplerConfig or None"):
+        DiscriminatorConfig(kind="attention", feature_dim=4, taps=(1,), time="uniform")
+    timed = DiscriminatorConfig(kind="attention", feature_dim=8, taps=(1,), time=TimeSamplerConfig(kind="uniform"))
+    assert build_dataclass(DiscriminatorConfig, timed.to_dict(), "distill.discriminator") == timed  # run.json form
 
 
 @pytest.mark.parametrize("kind", ["conv3d", "attention"])

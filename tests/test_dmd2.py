@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill_mixins import DiscriminatorConfig, DMD2Config, DMD2Mixin, KDConfig, KDMixin, OptimizerConfig
+from distill_mixins import (
+    DiscriminatorConfig,
+    DMD2Config,
+    DMD2Mixin,
+    KDConfig,
+    KDMixin,
+    OptimizerConfig,
+    TimeSamplerConfig,
+)
 from distill_mixins.methods.dmd2 import dmd_loss, fake_score_loss
 from distill_mixins.sampling import cosmos_guidance_to_w
 from distill_mixins.testing import MLPDenoiser, ToyHost, mixture_batch, ring_mixture
@@ -235,6 +243,48 @@ def test_gan_losses_are_finite_and_the_discriminator_trains_only_in_critic_phase
         assert (param_hash(model.net_discriminator) != before) == (it % 5 != 0)
     assert param_hash(model.net_teacher) == teacher
     assert not any(m._forward_hooks for m in model.modules())  # taps removed after every step
+
+
+GAN_TIME = TimeSamplerConfig(kind="uniform", t_min=0.1, t_max=0.2)
+
+
+def conv_gan_model(time: TimeSamplerConfig | None, gan_loss_weight: float = 1e-3) -> ConvDMD2:
+    torch.manual_seed(0)
+    disc = DiscriminatorConfig(kind="attention", feature_dim=8, taps=(0, 2), source="critic", hidden=16, time=time)
+    return ConvDMD2(TinyConvNet(), "rf_velocity", distill=DMD2Config(
+        gan_loss_weight=gan_loss_weight, discriminator=disc, guidance_scale=2.0,
+        discriminator_optimizer=OptimizerConfig(name="adam", lr=1e-3, weight_decay=0.0)))
+
+
+def test_gan_at_its_own_times_scores_real_and_fake_clips_noised_alike_and_leaves_the_dmd_terms_as_without_it():
+    """``DiscriminatorConfig.time``: every discriminator call sees its own time law; in the critic phase the real and
+    the student's clip carry the same noise at the same time; the DMD and critic losses equal the GAN-free ones."""
+    g = torch.Generator().manual_seed(0)
+    batch = {"x0": torch.randn(4, *CONV_SHAPE, generator=g), "label": torch.randint(0, 2, (4,), generator=g)}
+    model, plain = conv_gan_model(GAN_TIME), conv_gan_model(None, gan_loss_weight=0.0)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    calls, clips = [], []
+    discriminate, student_clip = model._discriminate, model.student_clip
+
+    def spy_discriminate(data, x_t, t):
+        calls.append((x_t.detach(), t))
+        return discriminate(data, x_t, t)
+
+    def spy_student_clip(*args, **kwargs):
+        out = student_clip(*args, **kwargs)
+        clips.append(out[0].detach())
+        return out
+
+    model._discriminate, model.student_clip = spy_discriminate, spy_student_clip
+    for it, key, n in ((0, "loss_dmd", 1), (1, "loss_fake_score", 2)):  # a student phase, then a critic phase
+        calls.clear(), clips.clear()
+        out, _ = model.training_step(batch, it)
+        assert len(calls) == n and all(((t >= 0.1) & (t <= 0.2)).all() for _, t in calls)
+        assert torch.equal(out[key], plain.training_step(batch, it)[0][key])
+    (x_fake, t), (x_real, t_real) = calls
+    cos = torch.cos(t).reshape(-1, 1, 1, 1, 1).float()
+    assert torch.equal(t, t_real)
+    torch.testing.assert_close(x_fake - x_real, cos * (clips[0] - batch["x0"]), rtol=0, atol=1e-5)
 
 
 def test_bad_taps_fail_at_construction():

@@ -280,6 +280,18 @@ class DMD2Mixin(DistillationCoreMixin):
         """Whether the GAN terms run (``gan_loss_weight > 0``)."""
         return self.distill_config.gan_loss_weight > 0  # type: ignore[attr-defined]
 
+    @property
+    def gan_shares_critic_time(self) -> bool:
+        """Whether the GAN terms run on the DMD term's re-noised sample (``DiscriminatorConfig.time`` is None)."""
+        return self.gan_enabled and self.distill_config.discriminator.time is None  # type: ignore[attr-defined]
+
+    def _gan_noised(self, G: Tensor, x0_real: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``G`` (and ``x0_real``, with the same noise) re-noised at the GAN's own times; and those times (B,)."""
+        t = self.sample_t(G.shape[0], self.distill_config.discriminator.time).to(G.device)  # type: ignore[attr-defined]
+        eps = self.draws.randn_like(G)
+        real = None if x0_real is None else add_noise(x0_real, eps, t, self.sigma_data)
+        return add_noise(G, eps, t, self.sigma_data), real, t
+
     # ----------------------------------------------------------------- phases
 
     def training_step_generator(self, data: DistillBatch, iteration: int) -> tuple[dict[str, Tensor], Tensor]:
@@ -290,8 +302,9 @@ class DMD2Mixin(DistillationCoreMixin):
         G, data = self.student_clip(data, noise, grad=True)
         t = self.sample_t(G.shape[0], config.critic_time).to(G.device)
         x_t = add_noise(G, self.draws.randn_like(G), t, self.sigma_data)
-        logits, x0_tapped = self._discriminate(data, x_t, t) if self.gan_enabled else (None, None)
-        source = config.discriminator.source if self.gan_enabled else None  # type: ignore[union-attr]
+        shared = self.gan_shares_critic_time
+        logits, x0_tapped = self._discriminate(data, x_t, t) if shared else (None, None)
+        source = config.discriminator.source if shared else None  # type: ignore[union-attr]
         x0_teacher = self.teacher_x0(data, x_t.detach(), t, x0_tapped if source == "teacher" else None)
         if source == "critic":
             x0_fake = x0_tapped.detach()  # type: ignore[union-attr]
@@ -301,6 +314,9 @@ class DMD2Mixin(DistillationCoreMixin):
         output: dict[str, Tensor] = {}
         loss = dmd_loss(G, x0_teacher, x0_fake, config.dmd_weight_min, config.dmd_reduction).float()
         output["loss_dmd"] = loss.detach()
+        if self.gan_enabled and not shared:
+            x_gan, _, t_gan = self._gan_noised(G)
+            logits = self._discriminate(data, x_gan, t_gan)[0]
         if logits is not None:
             loss_gan = gan_generator_loss(logits)
             output["loss_gan_generator"] = loss_gan.detach()
@@ -339,27 +355,33 @@ class DMD2Mixin(DistillationCoreMixin):
         eps = self.draws.randn_like(G)
         x_t = add_noise(G, eps, t, self.sigma_data)
         output: dict[str, Tensor] = {}
-        if not self.gan_enabled:
+        disc: DiscriminatorConfig | None = config.discriminator
+        if not self.gan_shares_critic_time:  # no GAN, or the GAN at its own times
             loss = fake_score_loss(G, self.trigflow_denoise(self.net_fake_score, x_t, t, data.condition).x0, t)
             output["loss_fake_score"] = loss.detach()
-            return output, loss
-        disc: DiscriminatorConfig = config.discriminator  # type: ignore[assignment]
-        if disc.source == "critic":
-            logits_fake, x0_fake = self._discriminate(data, x_t, t)
+            if not self.gan_enabled:
+                return output, loss
+            x_fake, x_real, t = self._gan_noised(G, data.x0)
+            logits_fake = self._discriminate(data, x_fake, t)[0]
         else:
-            x0_fake = self.trigflow_denoise(self.net_fake_score, x_t, t, data.condition).x0
-            logits_fake = self._discriminate(data, x_t, t)[0]
-        loss = fake_score_loss(G, x0_fake, t)
-        output["loss_fake_score"] = loss.detach()
-        x_real = add_noise(data.x0, eps, t, self.sigma_data).detach().requires_grad_(disc.r1_weight > 0)
+            if disc.source == "critic":  # type: ignore[union-attr]
+                logits_fake, x0_fake = self._discriminate(data, x_t, t)
+            else:
+                x0_fake = self.trigflow_denoise(self.net_fake_score, x_t, t, data.condition).x0
+                logits_fake = self._discriminate(data, x_t, t)[0]
+            loss = fake_score_loss(G, x0_fake, t)
+            output["loss_fake_score"] = loss.detach()
+            x_real = add_noise(data.x0, eps, t, self.sigma_data)
+        r1_weight = disc.r1_weight  # type: ignore[union-attr]
+        x_real = x_real.detach().requires_grad_(r1_weight > 0)  # type: ignore[union-attr]
         logits_real = self._discriminate(data, x_real, t)[0]
         loss_d = gan_discriminator_loss(logits_fake, logits_real)
         output["loss_gan_discriminator"] = loss_d.detach()
         loss = loss + loss_d
-        if disc.r1_weight > 0:
+        if r1_weight > 0:
             r1 = r1_penalty(logits_real, x_real)
             output["loss_r1"] = r1.detach()
-            loss = loss + disc.r1_weight * r1
+            loss = loss + r1_weight * r1
         return output, loss
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from distill_mixins.checkpointer.files import write_text_atomic
 from distill_mixins.config import EMAConfig, OptimizerConfig, TimeSamplerConfig
 from distill_mixins.data import KDDataConfig, KDShardDataset, generate_kd_data
+from distill_mixins.discriminator import DiscriminatorConfig
 from distill_mixins.methods import DMD2Config, DMD2Mixin, KDConfig, KDMixin, RefinedKDConfig, RefinedKDMixin
 from distill_mixins.methods.energy import check_beta
 from distill_mixins.precision import PrecisionReport, autocast, check_precision, frozen_weights_for
@@ -126,6 +127,11 @@ class DemoConfig:
     """The energy score's exponent on distances (``DMD2Config.energy_beta``, in (0, 2)); below 1 a clip between
     two modes (a speed between the data's two) costs more than one at a mode. 0.5 measured better than 1 on every
     figure of the transfer1 student (docs/methods/dmd2.md)."""
+    dmd2_gan_weight: float = 0.0
+    """Weight of DMD2's GAN term (``DMD2Config.gan_loss_weight``; 0: off): query-attention heads on the critic's
+    bottleneck and first 8x8 up block (:func:`toy_discriminator`) at their own uniform rectified-flow times (at the
+    critic's shift-5 times they could not tell real clips from the student's; docs/methods/dmd2.md)."""
+    dmd2_discriminator_lr: float = 1e-3
     refine_iterations: int = 0
     """Refined-KD iterations between KD and DMD2 (:mod:`distill_mixins.methods.refined_kd`); 0 skips the stage (the
     default since it costs the student its diversity: 320 gave adherence 0.89-0.91 and diversity 0.28-0.30x)."""
@@ -164,6 +170,10 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.dmd2_energy_weight={self.dmd2_energy_weight} must be >= 0 (0: no energy "
                              "term).")
         check_beta(self.dmd2_energy_beta, "DemoConfig.dmd2_energy_beta")
+        if not self.dmd2_gan_weight >= 0:
+            raise ValueError(f"DemoConfig.dmd2_gan_weight={self.dmd2_gan_weight} must be >= 0 (0: no GAN term).")
+        if not self.dmd2_discriminator_lr > 0:
+            raise ValueError(f"DemoConfig.dmd2_discriminator_lr={self.dmd2_discriminator_lr} must be > 0.")
         if not self.dmd2_refine_weight >= 0:
             raise ValueError(f"DemoConfig.dmd2_refine_weight={self.dmd2_refine_weight} must be >= 0 (0: plain DMD2).")
         if not 0.0 < self.refine_tau < 1.0:
@@ -295,9 +305,20 @@ def dmd2_config(config: DemoConfig) -> DMD2Config:
         "refine_teacher_steps": config.refine_teacher_steps, "energy_weight": config.dmd2_energy_weight,
         "energy_beta": config.dmd2_energy_beta,
     }
+    if config.dmd2_gan_weight > 0:
+        values.update(gan_loss_weight=config.dmd2_gan_weight, discriminator=toy_discriminator(),
+                      discriminator_optimizer=_optimizer(config.dmd2_discriminator_lr))
     if config.recipe == "predict2.5":
         return DMD2Config.cosmos_predict2_5(**values)
     return DMD2Config(**values)
+
+
+def toy_discriminator() -> DiscriminatorConfig:
+    """GAN heads for the toy UNet (which stacks frames as channels, so its blocks give image features (B, C, H, W)):
+    query-attention heads on the critic's blocks 9 (the bottleneck's last, 128 x 4 x 4) and 13 (the first 8 x 8 up
+    block, 96 wide) of ``ToyVideo2World.feature_blocks``, at their own times, rectified-flow tau uniform in (0, 1)."""
+    return DiscriminatorConfig(kind="attention", feature_dim=(128, 96), taps=(9, 13), source="critic",
+                               time=TimeSamplerConfig(kind="shifted_uniform", shift=1.0))
 
 
 def conditions(seed: int, batch: int) -> FunctionData:
@@ -316,7 +337,7 @@ def train_on_conditions(
     """Load ``student`` into ``model`` (its raw weights: measured better than its EMA here) and train it on fresh
     procedural conditions drawn from ``seed`` under ``runs/<out>/<stage>``."""
     model.load_student_state_dict(student.state_dict())
-    # the teacher only runs without gradients in these stages (no GAN)
+    # the teacher only runs without gradients in these stages (the demo's GAN heads tap the critic)
     with frozen_weights_for(config.precision, model.net_teacher):
         result = DistillationTrainer(
             model, conditions(seed, config.batch_size), _trainer_config(config, stage, iterations)
