@@ -91,7 +91,9 @@ def track(clips: Tensor, prompts: Sequence[str]) -> Tracks:
     return Tracks(centers=centers, areas=area, weights=w, masks=w > 0.5)
 
 
-def _speed_errors(clips: Tensor, prompts: Sequence[str], speeds: Sequence[float], tracks: Tracks | None) -> Tensor:
+def speed_errors(
+    clips: Tensor, prompts: Sequence[str], speeds: Sequence[float], tracks: Tracks | None = None
+) -> Tensor:
     """(len(speeds), N) float64: per speed and clip, the largest per-axis deviation (px, inf where a frame has no
     shape) of the tracked centres from the bouncing trajectory at that speed in the prompt's direction that starts at
     frame 0's tracked centre."""
@@ -118,7 +120,7 @@ def prompt_adherence_per_clip(
     trajectory (:func:`distill_mixins.toy.clips.trajectory`) that starts at frame 0's tracked centre and moves in
     the prompt's direction at the best speed in :data:`SPEEDS`? Clips (N, 3, T, H, W) with square frames;
     ``tracks``: ``track(clips, prompts)`` if already computed."""
-    error, best = _speed_errors(clips, prompts, SPEEDS, tracks).min(dim=0)
+    error, best = speed_errors(clips, prompts, SPEEDS, tracks).min(dim=0)
     speed = torch.tensor(SPEEDS, dtype=torch.float64)[best]
     return Adherence(ok=error <= tolerance, error=error, speed=speed)
 
@@ -136,7 +138,7 @@ def between_speeds(
     grid = [low + k * (high - low) / steps for k in range(1, steps)]
     if not grid:
         raise ValueError(f"between_speeds: resolution={resolution} leaves no speed strictly between {low} and {high}.")
-    errors = _speed_errors(clips, prompts, [*SPEEDS, *grid], tracks)
+    errors = speed_errors(clips, prompts, [*SPEEDS, *grid], tracks)
     adheres = errors[: len(SPEEDS)].min(dim=0).values <= tolerance  # prompt_adherence_per_clip's test
     between = errors[len(SPEEDS) :].min(dim=0).values <= tolerance
     return float((between & ~adheres).double().mean())
