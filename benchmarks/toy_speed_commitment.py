@@ -16,23 +16,32 @@ one. For each toy teacher (default: the shipped UNet and the shipped transformer
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
 from distill_mixins.eval.motion import speed_errors
 from distill_mixins.sampling import SAMPLERS, time_grid
-from distill_mixins.toy.clips import make_clips
+from distill_mixins.toy.clips import ToyClips, make_clips
 from distill_mixins.toy.evalset import EVAL_SEED
 from distill_mixins.toy.oracle import exact_x0, futures
 from distill_mixins.toy.quality import load_for_quality
-from distill_mixins.toy.train import DIT_WEIGHTS, WEIGHTS, conditional_scale, first_frame_mask, frame_times
+from distill_mixins.toy.train import (
+    DIT_WEIGHTS,
+    WEIGHTS,
+    TeacherTrainConfig,
+    conditional_scale,
+    first_frame_mask,
+    frame_times,
+)
 from distill_mixins.trigflow import max_time, trigflow_to_native_time
 
 GRID = (2.0, 2.25, 2.5, 2.75, 3.0)
 TAUS = (0.97, 0.93, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3)
+GIVEN_SIGMA = TeacherTrainConfig().conditional_sigma  # the given frame's noise level, as the teachers trained
 
 
-def commitment(model, clips, steps: int, guidance: float) -> None:
+def commitment(model: Any, clips: ToyClips, steps: int, guidance: float) -> None:
     """Print the best-fit speed histogram of the x0 predictions along the teacher's DDIM sampler."""
     x0, condition, uncondition = model.get_data_and_condition({"clip": clips.video, "prompt": clips.prompts})
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
@@ -59,7 +68,7 @@ def commitment(model, clips, steps: int, guidance: float) -> None:
 
 
 @torch.no_grad()
-def exact_gap(host, clips) -> None:
+def exact_gap(host: Any, clips: ToyClips) -> None:
     """Print the network's MSE to the exact denoiser on noised held-out clips, per tau."""
     x0 = host.encode(clips.video)
     n, frames = x0.shape[0], x0.shape[2]
@@ -70,9 +79,9 @@ def exact_gap(host, clips) -> None:
     for tau_value in TAUS:
         tau = torch.full((n,), tau_value)
         tb = tau[:, None, None, None, None]
-        x = mask * conditional_scale(1e-4) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
+        x = mask * conditional_scale(GIVEN_SIGMA) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
         exact = exact_x0(x, tau, candidates)
-        out = host.net(x, frame_times(host.net, tau, mask, 1e-4), mask, text)
+        out = host.net(x, frame_times(host.net, tau, mask, GIVEN_SIGMA), mask, text)
         print(f"  tau {tau_value:.2f}  network vs exact {float((out - exact)[:, :, 1:].pow(2).mean()):.5f}"
               f"  (exact vs clean clip {float((exact - x0)[:, :, 1:].pow(2).mean()):.5f})")
 
