@@ -30,9 +30,9 @@ from distill_mixins.toy.train import (
     DIT_WEIGHTS,
     WEIGHTS,
     TeacherTrainConfig,
-    conditional_scale,
     first_frame_mask,
     frame_times,
+    noised_clip,
 )
 from distill_mixins.trigflow import max_time, trigflow_to_native_time
 
@@ -78,8 +78,7 @@ def exact_gap(host: Any, clips: ToyClips) -> None:
     text = host.embed_prompts(clips.prompts)
     for tau_value in TAUS:
         tau = torch.full((n,), tau_value)
-        tb = tau[:, None, None, None, None]
-        x = mask * conditional_scale(GIVEN_SIGMA) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
+        x = noised_clip(x0, eps, tau, mask, GIVEN_SIGMA)
         exact = exact_x0(x, tau, candidates)
         out = host.net(x, frame_times(host.net, tau, mask, GIVEN_SIGMA), mask, text)
         print(f"  tau {tau_value:.2f}  network vs exact {float((out - exact)[:, :, 1:].pow(2).mean()):.5f}"

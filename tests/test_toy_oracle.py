@@ -7,12 +7,13 @@ import torch
 
 from distill_mixins.eval.motion import prompt_adherence, speed_errors
 from distill_mixins.toy.clips import DIRECTIONS, SPEEDS, make_clips
+from distill_mixins.toy.host import ToyVideo2World
 from distill_mixins.toy.oracle import exact_x0, futures
 
 
 def test_futures_hold_the_real_clip_and_every_speed():
     clips = make_clips(6, seed=3)
-    latent = (clips.video + 1.0) * 0.5
+    latent = ToyVideo2World.encode(clips.video)
     cond, uncond = futures(clips.specs), futures(clips.specs, conditional=False)
     assert cond.shape == (6, len(SPEEDS), *latent.shape[1:])
     assert uncond.shape == (6, len(SPEEDS) * len(DIRECTIONS), *latent.shape[1:])
@@ -61,12 +62,12 @@ def test_exact_denoiser_ode_follows_the_prompt():
         x = x0 if s == 0 else (1 - s) * x0 + s * (x - (1 - t) * x0) / t
     distance = (x[:, None] - c).flatten(2).abs().amax(-1).min(dim=1).values
     assert float(distance.max()) < 1e-6
-    assert prompt_adherence(x.float() * 2 - 1, clips.prompts) == 1.0
+    assert prompt_adherence(ToyVideo2World.decode(x.float()), clips.prompts) == 1.0
 
 
 def test_speed_errors_pick_each_futures_own_speed():
     clips = make_clips(8, seed=2)
-    c = futures(clips.specs) * 2 - 1  # (8, 2, 3, T, H, W) RGB
+    c = ToyVideo2World.decode(futures(clips.specs))  # (8, 2, 3, T, H, W) RGB
     for k in range(len(SPEEDS)):
         errors = speed_errors(c[:, k], clips.prompts, [*SPEEDS, 2.5])  # (3, 8)
         assert errors.shape == (3, 8)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from distill_mixins.toy.clips import DIRECTIONS, SPEEDS, ClipSpec, render_specs
+from distill_mixins.toy.host import ToyVideo2World
 
 
 def futures(specs: Sequence[ClipSpec], *, conditional: bool = True) -> Tensor:
@@ -35,7 +36,7 @@ def futures(specs: Sequence[ClipSpec], *, conditional: bool = True) -> Tensor:
         for speed in SPEEDS
     ]
     video = render_specs(alternatives)
-    return ((video + 1.0) * 0.5).view(len(specs), -1, *video.shape[1:])
+    return ToyVideo2World.encode(video).view(len(specs), -1, *video.shape[1:])
 
 
 def exact_x0(x: Tensor, tau: Tensor, futures: Tensor, *, given: int = 1) -> Tensor:

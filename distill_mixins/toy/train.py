@@ -150,6 +150,13 @@ def conditional_scale(conditional_sigma: float) -> float:
     return float(native_coefficients(t_c, "rectified_flow", 1.0)[0])
 
 
+def noised_clip(x0: Tensor, eps: Tensor, tau: Tensor, mask: Tensor, conditional_sigma: float) -> Tensor:
+    """The teacher's training input (B, C, T, H, W): ``(1 - tau) x0 + tau eps`` on the generated frames at tau (B,),
+    the given frames (``mask`` (B, 1, T, 1, 1) = 1) clean at the conditional scale, as the mixins paste them."""
+    tb = tau[:, None, None, None, None]
+    return mask * conditional_scale(conditional_sigma) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
+
+
 def frame_times(net: torch.nn.Module, tau: Tensor, mask: Tensor, conditional_sigma: float) -> Tensor:
     """The network's time input: tau (B,) for the UNet; per frame (B, T) for the transformer, the given frames at the
     conditional time, as the causal host (``supports_per_frame_time``) runs it."""
@@ -178,7 +185,7 @@ def teacher_loss(
     eps = torch.randn(x0.shape, generator=generator)
     tb = tau[:, None, None, None, None]
     mask = first_frame_mask(b, frames)
-    x = mask * conditional_scale(config.conditional_sigma) * x0 + (1 - mask) * ((1 - tb) * x0 + tb * eps)
+    x = noised_clip(x0, eps, tau, mask, config.conditional_sigma)
     time = frame_times(host.net, tau, mask, config.conditional_sigma)
     with autocast(config.precision, "cpu"):
         x0_hat = host.net(x, time, mask, text)
