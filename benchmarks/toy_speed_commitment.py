@@ -8,7 +8,10 @@ one. For each toy teacher (default: the shipped UNet and the shipped transformer
   1.5 px of one of them;
 - on held-out real clips noised at rectified-flow time tau: the network's MSE to the exact denoiser
   (:func:`distill_mixins.toy.oracle.exact_x0`, the posterior mean over the condition's two futures) and, for scale,
-  the exact denoiser's own MSE to the clean clip.
+  the exact denoiser's own MSE to the clean clip; and how the prediction weighs the condition's two futures
+  (:func:`distill_mixins.toy.oracle.future_weights`, frame by frame): the spread of that weight over a clip's frames
+  (the exact denoiser: 0, it weighs whole futures), how far it leans from 0.5, and the correlation of each clip's
+  mean weight with the exact denoiser's (does the network lean towards the right future?).
 
     python -m benchmarks.toy_speed_commitment [--clips 48] [--teacher PATH ...]
 """
@@ -24,7 +27,7 @@ from distill_mixins.eval.motion import speed_errors
 from distill_mixins.sampling import SAMPLERS, time_grid
 from distill_mixins.toy.clips import ToyClips, make_clips
 from distill_mixins.toy.evalset import EVAL_SEED
-from distill_mixins.toy.oracle import exact_x0, futures
+from distill_mixins.toy.oracle import exact_x0, future_weights, futures
 from distill_mixins.toy.quality import load_for_quality
 from distill_mixins.toy.train import (
     DIT_WEIGHTS,
@@ -81,8 +84,14 @@ def exact_gap(host: Any, clips: ToyClips) -> None:
         x = noised_clip(x0, eps, tau, mask, GIVEN_SIGMA)
         exact = exact_x0(x, tau, candidates)
         out = host.net(x, frame_times(host.net, tau, mask, GIVEN_SIGMA), mask, text)
+        w, w_exact = future_weights(out, candidates), future_weights(exact, candidates)  # (N, T - 1)
+        spread, spread_exact = (float(v.std(dim=1).median()) for v in (w, w_exact))
+        lean, lean_exact = (float((v.mean(1) - 0.5).abs().median()) for v in (w, w_exact))
+        agreement = float(torch.corrcoef(torch.stack([w.mean(1), w_exact.mean(1)]))[0, 1])
         print(f"  tau {tau_value:.2f}  network vs exact {float((out - exact)[:, :, 1:].pow(2).mean()):.5f}"
-              f"  (exact vs clean clip {float((exact - x0)[:, :, 1:].pow(2).mean()):.5f})")
+              f"  (exact vs clean clip {float((exact - x0)[:, :, 1:].pow(2).mean()):.5f})  future weight: spread over"
+              f" frames {spread:.3f} (exact {spread_exact:.3f}), |w - 0.5| {lean:.3f} (exact {lean_exact:.3f}),"
+              f" correlation with exact {agreement:.2f}")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import torch
 from distill_mixins.eval.motion import prompt_adherence, speed_errors
 from distill_mixins.toy.clips import DIRECTIONS, SPEEDS, make_clips
 from distill_mixins.toy.host import ToyVideo2World
-from distill_mixins.toy.oracle import exact_x0, futures
+from distill_mixins.toy.oracle import exact_x0, future_weights, futures
 
 
 def test_futures_hold_the_real_clip_and_every_speed():
@@ -37,6 +37,20 @@ def test_exact_x0_known_answers():
     torch.testing.assert_close(exact_x0(halfway, tau, c), 0.5 * (c[:, 0] + c[:, 1]), atol=1e-12, rtol=0)
     pure_noise = exact_x0(eps, torch.ones(4, dtype=torch.float64), c)  # tau = 1: x carries no information
     torch.testing.assert_close(pure_noise, c.mean(dim=1), atol=1e-12, rtol=0)
+
+
+def test_future_weights_known_answers():
+    clips = make_clips(4, seed=5)
+    cand = futures(clips.specs)  # (4, 2, C, T, H, W)
+    w = torch.tensor([[0.0, 0.2, 0.5, 0.7, 1.0, 0.3, 0.9], [1.0] * 7, [0.0] * 7, [0.25] * 7], dtype=torch.float64)
+    wb = w[:, None, :, None, None]
+    x0 = cand[:, 1].double().clone()
+    x0[:, :, 1:] = wb * cand[:, 0, :, 1:].double() + (1 - wb) * cand[:, 1, :, 1:].double()
+    assert torch.allclose(future_weights(x0, cand), w, atol=1e-12)  # per frame, exactly the mixing weight
+    exact = exact_x0(x0.float(), torch.full((4,), 0.5), cand).double()  # the exact denoiser weighs whole futures
+    assert float(future_weights(exact, cand).std(dim=1).max()) < 1e-6
+    with pytest.raises(ValueError, match="two speeds"):
+        future_weights(x0, futures(clips.specs, conditional=False))
 
 
 def test_exact_x0_rejects_mismatched_inputs():

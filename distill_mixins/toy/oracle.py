@@ -52,3 +52,19 @@ def exact_x0(x: Tensor, tau: Tensor, futures: Tensor, *, given: int = 1) -> Tens
     distance = (xd[:, None, :, given:] - scale * cd[:, :, :, given:]).pow(2).flatten(2).sum(-1)  # (N, K)
     weights = torch.softmax(-distance / (2.0 * td[:, None] ** 2), dim=1)
     return torch.einsum("nk,nk...->n...", weights, cd).to(x.dtype)
+
+
+def future_weights(x0: Tensor, futures: Tensor, *, given: int = 1) -> Tensor:
+    """Each generated frame's weight on the first of two futures (N, K=2, C, T, H, W): the least-squares ``w`` of
+    ``x0_t = w a_t + (1 - w) b_t`` per frame t >= ``given`` of x0 predictions (N, C, T, H, W); (N, T - given),
+    float64. The exact denoiser's weights are one number a clip (it weighs whole futures); a network that decides
+    frame by frame spreads them (``benchmarks/toy_speed_commitment.py``)."""
+    if futures.ndim != x0.ndim + 1 or futures.shape[1] != 2 or futures.shape[0] != x0.shape[0] or (
+        futures.shape[2:] != x0.shape[1:]
+    ):
+        raise ValueError(f"future_weights: futures {tuple(futures.shape)} must be (N, 2) + x0's "
+                         f"{tuple(x0.shape)[1:]} with N = {x0.shape[0]} (the conditional futures of two speeds).")
+    a, b = futures[:, 0, :, given:].double(), futures[:, 1, :, given:].double()
+    d, r = a - b, x0[:, :, given:].double() - b
+    dims = (1, 3, 4)
+    return (r * d).sum(dims) / (d * d).sum(dims).clamp(min=1e-12)
