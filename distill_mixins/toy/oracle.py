@@ -55,10 +55,10 @@ def exact_x0(x: Tensor, tau: Tensor, futures: Tensor, *, given: int = 1) -> Tens
 
 
 def future_weights(x0: Tensor, futures: Tensor, *, given: int = 1) -> Tensor:
-    """Each generated frame's weight on the first of two futures (N, K=2, C, T, H, W): the least-squares ``w`` of
-    ``x0_t = w a_t + (1 - w) b_t`` per frame t >= ``given`` of x0 predictions (N, C, T, H, W); (N, T - given),
-    float64. The exact denoiser's weights are one number a clip (it weighs whole futures); a network that decides
-    frame by frame spreads them (``benchmarks/toy_speed_commitment.py``)."""
+    """Each generated frame's weight on the first of two ``futures`` (N, 2, C, T, H, W), a and b: the least-squares
+    ``w`` of ``x0_t = w a_t + (1 - w) b_t`` per frame t >= ``given`` of x0 predictions (N, C, T, H, W); (N, T - given),
+    float64 (0 on a frame where the two futures coincide). The exact denoiser's weights are one number a clip (it
+    weighs whole futures); a network that decides frame by frame spreads them (``benchmarks/toy_speed_commitment``)."""
     if futures.ndim != x0.ndim + 1 or futures.shape[1] != 2 or futures.shape[0] != x0.shape[0] or (
         futures.shape[2:] != x0.shape[1:]
     ):
