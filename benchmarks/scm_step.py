@@ -4,10 +4,11 @@ For a tiny video DiT (:class:`~distill_mixins.testing.TinyVideoDiT`: patch embed
 blocks) and a fixed batch, prints the median wall time (``--reps`` interleaved rounds after a warm-up) of:
 
 - a plain diffusion training step: rectified-flow denoising loss, forward + backward + optimizer step;
-- an sCM step (``training_step`` + ``backward`` + ``optimizer_step``) with ``torch.func.jvp`` (SDPA's math backend),
-  with CFG (w = 6, two teacher passes) and without (w = 1);
+- an sCM step (``training_step`` + ``backward`` + ``optimizer_step``) with ``torch.func.jvp`` (the attention
+  dispatch's explicit attention with its forward rule), with CFG (w = 6, two teacher passes) and without (w = 1),
+  and with CFG through SDPA's math backend instead (what the dispatch ran before the explicit rule);
 - the same with the finite-difference fallback (two extra student forwards instead of the JVP);
-- the JVP alone and one forward alone, for reference;
+- the JVP alone (explicit rule; SDPA's math backend) and one forward alone, for reference;
 
 each as a ratio to the plain step (goal: sCM with the JVP <= 2.6x). An sCM step runs the teacher (1 or 2 forwards),
 the student's JVP (a forward with tangents, no graph) and the student's forward + backward.
@@ -26,6 +27,7 @@ import torch
 
 from distill_mixins import OptimizerConfig, SCMConfig, SCMMixin
 from distill_mixins.methods.scm import velocity_jvp
+from distill_mixins.parallel.attention import set_attention_backend
 from distill_mixins.testing import TinyVideoDiT, ToyHost
 from distill_mixins.trigflow import add_noise
 
@@ -91,6 +93,15 @@ def main() -> None:
             model.optimizer_step(counter["it"])
         return run
 
+    def with_math_sdpa(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            previous = set_attention_backend("math")
+            try:
+                fn()
+            finally:
+                set_attention_backend(previous)
+        return run
+
     probe = models["sCM, jvp, no CFG"]
     x_t = torch.randn(shape, generator=g).to(device)
     t = torch.full((args.batch,), 0.8, dtype=torch.float64, device=device)
@@ -105,7 +116,10 @@ def main() -> None:
 
     fns: dict[str, Callable[[], None]] = {"plain diffusion step": plain_step}
     fns.update({name: scm_step(model) for name, model in models.items()})
-    fns.update({"student JVP alone (no grad)": jvp_only, "student forward alone (no grad)": forward_only})
+    fns["sCM, jvp via SDPA math, CFG w=6"] = with_math_sdpa(scm_step(build(args, guidance_scale=6.0,
+                                                                            derivative="jvp")))
+    fns.update({"student JVP alone (no grad)": jvp_only, "student JVP via SDPA math": with_math_sdpa(jvp_only),
+                "student forward alone (no grad)": forward_only})
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(args.reps + 1):
         for name, fn in fns.items():

@@ -95,7 +95,7 @@ def test_flash_path_equals_sdpa(flash_stand_in, layout, scale, causal):
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", "flash3"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", "explicit", "flash3"])
 def test_every_backend_gives_sdpa_result_in_both_layouts(flash_stand_in, layout, backend):
     q, k, v = qkv(layout)
     out = attention(q, k, v, layout=layout, scale=0.25, backend=backend)
@@ -141,7 +141,8 @@ def test_auto_on_cuda(monkeypatch, flash_stand_in):
     )
     assert resolve("auto", "cuda:0", torch.float16, 512)[0] == "sdpa"
     assert resolve("auto", "cuda:0", torch.float16, 128, has_mask=True)[0] == "sdpa"
-    assert resolve("auto", "cuda:0", torch.float16, 128, needs_forward_ad=True)[0] == "math"
+    assert resolve("auto", "cuda:0", torch.float16, 128, needs_forward_ad=True)[0] == "explicit"
+    assert resolve("sdpa", "cuda:0", torch.float16, 128, needs_forward_ad=True)[0] == "math"
     capability[0] = (8, 0)
     assert resolve("auto", "cuda:0", torch.float16, 128)[0] == "flash2"
     capability[0] = (7, 5)
@@ -183,7 +184,7 @@ def test_bad_backend_names_raise_with_the_field():
         attention(q, k, v, layout="sbhd")
     with pytest.raises(ValueError, match="causal needs equal lengths"):
         attention(q, k[:, :, :3], v[:, :, :3], causal=True)
-    assert set(ATTENTION_BACKENDS) == {"auto", "flash3", "flash2", "sdpa", "math"}
+    assert set(ATTENTION_BACKENDS) == {"auto", "flash3", "flash2", "sdpa", "math", "explicit"}
 
 
 def test_process_default_backend(flash_stand_in):
@@ -218,7 +219,7 @@ def test_choice_is_logged_once(flash_stand_in):
     assert "attention flash2 -> flash2 on cpu (float32): requested" in lines[1]
 
 
-def test_forward_mode_ad_uses_math_and_matches_finite_differences(flash_stand_in):
+def test_forward_mode_ad_uses_the_explicit_rule_and_matches_finite_differences(flash_stand_in):
     q, k, v = qkv("bshd", dtype=torch.float64)
     tq, tk, tv = qkv("bshd", dtype=torch.float64, seed=1)
     f = lambda q, k, v: attention(q, k, v, layout="bshd", scale=0.4, causal=True)  # noqa: E731
@@ -228,7 +229,7 @@ def test_forward_mode_ad_uses_math_and_matches_finite_differences(flash_stand_in
     eps = 1e-6
     fd = (f(q + eps * tq, k + eps * tk, v + eps * tv) - f(q - eps * tq, k - eps * tk, v - eps * tv)) / (2 * eps)
     torch.testing.assert_close(tangent, fd, rtol=0, atol=1e-7)
-    assert ("auto", "math") in {key[:2] for key in attn_mod._logged}
+    assert ("auto", "explicit") in {key[:2] for key in attn_mod._logged}
     # SDPA's default CPU kernel has no forward derivative: the dispatch is what makes this work
     with pytest.raises(NotImplementedError):
         torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, q, q), (q.float(),), (tq.float(),))
@@ -237,3 +238,62 @@ def test_forward_mode_ad_uses_math_and_matches_finite_differences(flash_stand_in
     assert jac.shape == q.shape
     with pytest.raises(ValueError, match="no forward derivative"):
         torch.func.jvp(lambda q: attention(q, k, v, layout="bshd", backend="flash2"), (q,), (tq,))
+
+
+def _masks(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, 1, S, S, generator=g) > 0.3
+    keep[..., 0] = True  # every row keeps a key, except the one made empty below
+    empty = keep.clone()
+    empty[0, 0, 3] = False  # a fully masked row: SDPA's math backend gives zeros there
+    additive = torch.randn(B, H, S, S, generator=g, dtype=torch.float64)
+    return {"none": (None, False), "causal": (None, True), "bool": (keep, False), "empty row": (empty, False),
+            "additive": (additive, False)}
+
+
+@pytest.mark.parametrize("mask", list(_masks()))
+def test_explicit_attention_and_its_forward_rule_equal_sdpas_math_backend_in_float64(mask):
+    from distill_mixins.parallel.explicit_attention import explicit_attention
+
+    attn_mask, causal = _masks()[mask]
+    q, k, v = qkv("bhsd", dtype=torch.float64)
+    tq, tk, tv = qkv("bhsd", dtype=torch.float64, seed=1)
+
+    def math_sdpa(q, k, v):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=0.3)
+
+    def explicit(q, k, v):
+        return explicit_attention(q, k, v, attn_mask=attn_mask, causal=causal, scale=0.3)
+
+    out, tangent = torch.func.jvp(explicit, (q, k, v), (tq, tk, tv))
+    ref, ref_tangent = torch.func.jvp(math_sdpa, (q, k, v), (tq, tk, tv))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tangent, ref_tangent, rtol=0, atol=1e-12)
+    if mask == "empty row":
+        assert out[0, :, 3].abs().max() == 0 and tangent[0, :, 3].abs().max() == 0
+    # one argument's tangent at a time (the rule's None branches)
+    primals, tangents = (q, k, v), (tq, tk, tv)
+
+    def only(fn, i):
+        return lambda x: fn(*primals[:i], x, *primals[i + 1:])
+
+    for i in range(3):
+        torch.testing.assert_close(torch.func.jvp(only(explicit, i), (primals[i],), (tangents[i],))[1],
+                                   torch.func.jvp(only(math_sdpa, i), (primals[i],), (tangents[i],))[1],
+                                   rtol=0, atol=1e-12)
+    # the backward, against finite differences (empty rows have no gradient through the softmax's NaN-free zeros)
+    small = [t[:1, :1, :5, :4].clone().requires_grad_() for t in (q, k, v)]
+    small_mask = None if attn_mask is None or mask == "empty row" else attn_mask[:1, :1, :5, :5]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: explicit_attention(q, k, v, attn_mask=small_mask, causal=causal, scale=0.3), small)
+
+
+def test_forward_mode_ad_with_math_asked_for_runs_sdpas_math_backend(flash_stand_in):
+    q, k, v = qkv("bhsd", dtype=torch.float64)
+    tq = qkv("bhsd", dtype=torch.float64, seed=1)[0]
+    _, tangent = torch.func.jvp(lambda q: attention(q, k, v, backend="math"), (q,), (tq,))
+    _, explicit = torch.func.jvp(lambda q: attention(q, k, v), (q,), (tq,))
+    torch.testing.assert_close(tangent, explicit, rtol=0, atol=1e-12)
+    assert ("math", "math") in {key[:2] for key in attn_mod._logged}
+    assert ("auto", "explicit") in {key[:2] for key in attn_mod._logged}

@@ -266,7 +266,7 @@ def test_jvp_through_a_tiny_dit_equals_the_central_difference_in_float64():
     _, dF = velocity_jvp(F, x_t, t, dxdt)
     fd = velocity_central_difference(F, x_t, t, dxdt, 1e-5)
     assert (fd - dF).norm() <= 1e-6 * dF.norm(), (fd - dF).norm() / dF.norm()
-    # the library's attention dispatch takes SDPA's math backend by itself under forward-mode AD
+    # the library's attention dispatch runs its explicit attention (with a forward rule) by itself under forward-mode AD
     _, dF_plain = torch.func.jvp(F, (x_t, t), (torch.ones_like(x_t), torch.ones_like(t)))
     assert torch.isfinite(dF_plain).all()
 

@@ -10,9 +10,14 @@ Every attention path of the library (Ulysses attention, the hosts' attention pro
   float16/bfloat16, ``head_dim <= 256``, no mask;
 - ``sdpa``: :func:`torch.nn.functional.scaled_dot_product_attention`, which picks its own kernel (on a CPU its
   fused CPU kernel, equal to the math backend to float rounding);
-- ``math``: SDPA restricted to its math backend. Chosen whenever forward-mode AD is active (``torch.func.jvp``,
-  ``torch.func.jacfwd``, ``torch.autograd.forward_ad.dual_level``), for the consistency methods: SDPA's fused
-  kernels (the CPU one included) and flash-attn have no forward derivative.
+- ``math``: SDPA restricted to its math backend (forward-mode AD runs through it, slowly: PyTorch differentiates
+  its decomposed safe softmax);
+- ``explicit``: softmax attention written out with its own forward-mode rule
+  (:func:`~distill_mixins.parallel.explicit_attention.explicit_attention`). ``auto`` takes it whenever forward-mode
+  AD is active (``torch.func.jvp``, ``torch.func.jacfwd``, ``torch.autograd.forward_ad.dual_level``), for the
+  consistency methods: SDPA's fused kernels (the CPU one included) and flash-attn have no forward derivative, and
+  it is about twice as fast as differentiating the math backend; ``sdpa`` or ``math`` asked for under forward-mode
+  AD run the math backend.
 
 The choice is logged once per (request, choice, device, dtype, reason). A backend named explicitly (in a config:
 :func:`check_attention_backend`; for the process: :func:`set_attention_backend`) is used as given, and one that cannot
@@ -37,7 +42,9 @@ from loguru import logger
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION_BACKENDS = ("auto", "flash3", "flash2", "sdpa", "math")
+from distill_mixins.parallel.explicit_attention import explicit_attention
+
+ATTENTION_BACKENDS = ("auto", "flash3", "flash2", "sdpa", "math", "explicit")
 """What a user may ask for; ``auto`` resolves to one of the others."""
 LAYOUTS = ("bhsd", "bshd")
 """``bhsd``: (batch, heads, seq, head_dim), SDPA's layout; ``bshd``: (batch, seq, heads, head_dim), flash-attn's."""
@@ -169,9 +176,15 @@ def resolve_attention_backend(
         if backend in FLASH_BACKENDS:
             raise ValueError(
                 f"attention backend {backend!r} under forward-mode AD (torch.func.jvp): flash-attn has no forward "
-                "derivative; use 'auto' or 'math' (SDPA's math backend)."
+                "derivative; use 'auto' or 'explicit' (attention with its forward rule), or 'math' (SDPA's math "
+                "backend)."
             )
-        choice, reason = "math", "forward-mode AD: SDPA's math backend (its fused kernels have no forward derivative)"
+        if backend in ("auto", "explicit"):
+            choice, reason = "explicit", "forward-mode AD: explicit attention with its forward rule"
+        else:
+            choice = "math"
+            reason = (f"forward-mode AD with {backend!r} asked for: SDPA's math backend (no fused kernel has a "
+                      "forward rule)")
     elif backend == "auto":
         choice, reason = _auto(device, dtype, head_dim, has_mask)
     else:
@@ -237,7 +250,9 @@ def attention(
         return out.transpose(1, 2) if layout == "bhsd" else out
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if choice == "math":
+    if choice == "explicit":
+        out = explicit_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
+    elif choice == "math":
         with sdpa_kernel(SDPBackend.MATH):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
     else:

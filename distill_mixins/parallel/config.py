@@ -37,8 +37,8 @@ class ParallelConfig:
     """Context-parallel degree: the ranks that split one clip's tokens (Ulysses attention); it divides the heads."""
     attention_backend: str = "auto"
     """The attention dispatch for library attention paths (:mod:`distill_mixins.parallel.attention`): ``auto``
-    (flash-attn on CUDA when installed and the dtype and shape fit, else SDPA), ``flash3``, ``flash2``, ``sdpa``,
-    ``math``."""
+    (flash-attn on CUDA when installed and the dtype and shape fit, else SDPA; under forward-mode AD the explicit
+    attention with its forward rule), ``flash3``, ``flash2``, ``sdpa``, ``math``, ``explicit``."""
 
     def __post_init__(self) -> None:
         check_choice("ParallelConfig", "mode", self.mode, PARALLEL_MODES)
