@@ -271,7 +271,46 @@ def test_jvp_through_a_tiny_dit_equals_the_central_difference_in_float64():
     assert torch.isfinite(dF_plain).all()
 
 
-def test_jvp_through_a_tiny_diffusers_wan_host():
+def count_explicit_sdpa(monkeypatch) -> list[int]:
+    """Counts the SDPA calls :class:`ExplicitSDPA` sends to the explicit attention."""
+    import distill_mixins.parallel.explicit_attention as module
+
+    calls, explicit = [], module.explicit_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return explicit(*args, **kwargs)
+
+    monkeypatch.setattr(module, "explicit_attention", counted)
+    return calls
+
+
+def test_sdpa_called_directly_runs_the_explicit_rule_in_velocity_jvp_and_equals_the_math_backend(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 6, 8, dtype=torch.float64, generator=g)
+    mask = torch.rand(6, 6, generator=g) > 0.3
+    mask[:, 0] = True
+
+    def net(kind):
+        def F(x, t):  # SDPA called as diffusers' processors call it (keywords, a mask, a scale)
+            out = F_nn.scaled_dot_product_attention(x * t.cos().view(-1, 1, 1, 1), k, v, **kind)
+            return out * t.sin().view(-1, 1, 1, 1)
+        return F
+
+    t, dxdt = torch.tensor([0.4, 1.1], dtype=torch.float64), torch.randn(q.shape, dtype=torch.float64, generator=g)
+    for kind, explicit in (({"attn_mask": mask, "scale": 0.3}, True), ({"is_causal": True}, True),
+                           ({"dropout_p": 0.0, "enable_gqa": True}, False)):
+        calls = count_explicit_sdpa(monkeypatch)
+        out, dF = velocity_jvp(net(kind), q, t, dxdt)
+        assert bool(calls) == explicit, kind  # grouped-query attention falls through to SDPA's math backend
+        cos_sin = torch.cos(t) * torch.sin(t)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            ref, ref_dF = torch.func.jvp(net(kind), (q, t), (cos_sin.view(-1, 1, 1, 1) * dxdt, cos_sin))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dF, ref_dF, rtol=0, atol=1e-12)
+
+
+def test_jvp_through_a_tiny_diffusers_wan_host(monkeypatch):
     from distill_mixins.hosts import WanVideo2WorldHost
     from tests.hosts_helpers import batch, tiny_wan
 
@@ -289,7 +328,9 @@ def test_jvp_through_a_tiny_diffusers_wan_host():
     F32, x32, v32 = velocity(m32, batch(1), t)
     with pytest.raises(NotImplementedError, match="forward AD"):  # diffusers' processor calls the fused CPU kernel
         torch.func.jvp(F32, (x32, t), (v32, t))
+    calls = count_explicit_sdpa(monkeypatch)
     _, dF32 = velocity_jvp(F32, x32, t, v32)
+    assert calls  # diffusers' SDPA calls ran the explicit attention's forward rule
     m64 = WanSCM(tiny_wan(), distill=SCMConfig(guidance_scale=2.0), num_conditional_frames=0).double()
     F64, x64, v64 = velocity(m64, {k: v.double() for k, v in batch(1).items()}, t)
     _, dF64 = velocity_jvp(F64, x64, t, v64)

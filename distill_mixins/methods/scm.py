@@ -8,7 +8,8 @@ The student's consistency function is ``f(x_t, t) = cos t x_t - sin t sigma_d F_
 1. ``t`` lognormal on ``sigma = sigma_d tan t`` (``log sigma ~ N(p_mean, p_std^2)``, clamped to [sigma_min, sigma_max]);
 2. ``x_t = cos t x0 + sin t sigma_d eps``; ``dx_t/dt = sigma_d F_T`` with CFG ``w`` (no gradient);
 3. ``(F^-, dF) = jvp(F_theta, (x_t, t), (cos t sin t dx_t/dt, cos t sin t))`` without gradient (``dF = cos t sin t
-   dF^-/dt``; SDPA restricted to its math backend), or a central difference along the same direction;
+   dF^-/dt``; attention through :mod:`~distill_mixins.parallel.explicit_attention`'s forward rule, SDPA's fused
+   kernels having none), or a central difference along the same direction;
 4. ``g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + sigma_d dF)``, ``r = min(1, iteration / warm-up)``
    (rCM's form ramps the first term as ``cos t sqrt(1 - r^2 sin^2 t)``); at ``r = 1``, ``g = cos t df^-/dt``;
 5. ``g / (||g|| / sqrt(D) + c)`` (FastGen) or ``g / (||g||_2 + c)`` (rCM), per sample;
@@ -32,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill_mixins.config import DistillConfig, OptimizerConfig, TimeSamplerConfig, check_choice, check_positive
 from distill_mixins.core import DistillationCoreMixin, DistillBatch
+from distill_mixins.parallel.explicit_attention import ExplicitSDPA
 from distill_mixins.trigflow import HALF_PI, add_noise, expand_time, x0_to_F
 
 DERIVATIVES = ("auto", "jvp", "finite_difference")
@@ -224,12 +226,16 @@ class LogVarHead(nn.Module):
 
 
 def velocity_jvp(F: Velocity, x_t: Tensor, t: Tensor, dxdt: Tensor) -> tuple[Tensor, Tensor]:
-    """``(F^-, dF) = jvp(F, (x_t, t), (cos t sin t dx_t/dt, cos t sin t))`` without gradient, with PyTorch SDPA
-    restricted to its math backend (its fused kernels have no forward derivative) (sCM step 3)."""
+    """``(F^-, dF) = jvp(F, (x_t, t), (cos t sin t dx_t/dt, cos t sin t))`` without gradient (sCM step 3).
+
+    SDPA's fused kernels have no forward derivative: the library's attention dispatch takes its explicit attention
+    by itself, and PyTorch SDPA called by the network directly (diffusers' processors) is sent to the same rule
+    (:class:`~distill_mixins.parallel.explicit_attention.ExplicitSDPA`), or to SDPA's math backend for a call the
+    rule does not take."""
     cos, sin = _cos_sin(t, x_t)
     tangent_x = (cos * sin * dxdt.double()).to(x_t.dtype)
     tangent_t = (torch.cos(t.double()) * torch.sin(t.double())).to(t.dtype)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ExplicitSDPA():
         return torch.func.jvp(F, (x_t, t), (tangent_x, tangent_t))
 
 

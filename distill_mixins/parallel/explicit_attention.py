@@ -6,15 +6,24 @@ attention` runs under forward-mode AD (``torch.func.jvp``) unless SDPA's math ba
 products on the saved ``P`` and ``O``, where differentiating SDPA's math backend runs PyTorch's decomposed safe
 softmax (about twice the time on a CPU, ``benchmarks/scm_step.py``). The backward is the usual one. The mask is a
 constant: no tangent flows through it. A row whose keys are all masked gives zeros (SDPA's math backend does too).
+
+:class:`ExplicitSDPA` is a function mode, entered for the duration of a JVP (``velocity_jvp``), that sends
+``F.scaled_dot_product_attention`` calls of networks outside the library (diffusers' attention processors) to the
+same rule; calls it cannot take (dropout, grouped-query attention) run as called (SDPA's math backend under
+``sdpa_kernel``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["explicit_attention"]
+__all__ = ["ExplicitSDPA", "explicit_attention"]
 
 
 class _Attention(torch.autograd.Function):
@@ -89,3 +98,19 @@ def explicit_attention(
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         bias = _additive(keep, wide) if bias is None else bias + _additive(keep, wide)
     return _Attention.apply(q, k, v, scale, bias)[0]
+
+
+class ExplicitSDPA(TorchFunctionMode):
+    """Within ``with ExplicitSDPA():``, ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal,
+    scale)`` runs :func:`explicit_attention`; every other call (and SDPA with dropout or ``enable_gqa``) as called."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        if call.get("dropout_p", 0.0) or call.get("enable_gqa", False) or set(call) - set(names):
+            return func(*args, **kwargs)
+        return explicit_attention(call["query"], call["key"], call["value"], scale=call.get("scale"),
+                                  causal=bool(call.get("is_causal", False)), attn_mask=call.get("attn_mask"))
