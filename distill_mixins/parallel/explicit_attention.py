@@ -59,10 +59,11 @@ class _Attention(torch.autograd.Function):
         do = torch.zeros_like(o) if dv is None else p @ dv
         if dq is None and dk is None:
             return do, None
-        # s (dQ K^T + Q dK^T) as one product of (S, 2D) matrices: one (S, S) result, no sum of two
-        left = [x * ctx.scale for x, d in ((dq, dq), (q, dk)) if d is not None]
-        right = [x for x, d in ((k, dq), (dk, dk)) if d is not None]
-        g = torch.cat(left, dim=-1) @ torch.cat(right, dim=-1).transpose(-2, -1)
+        # dS = s (dQ K^T + Q dK^T) as one product [s dQ, s Q] [K, dK]^T: one (S, S) result, no sum of two
+        pairs = ([(dq, k)] if dq is not None else []) + ([(q, dk)] if dk is not None else [])
+        left = torch.cat([a * ctx.scale for a, _ in pairs], dim=-1)
+        right = torch.cat([b for _, b in pairs], dim=-1)
+        g = left @ right.transpose(-2, -1)
         g *= p  # G = P * dS, in place
         return do + g @ v - g.sum(dim=-1, keepdim=True) * o, None
 
