@@ -308,6 +308,12 @@ def test_sdpa_called_directly_runs_the_explicit_rule_in_velocity_jvp_and_equals_
             ref, ref_dF = torch.func.jvp(net(kind), (q, t), (cos_sin.view(-1, 1, 1, 1) * dxdt, cos_sin))
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(dF, ref_dF, rtol=0, atol=1e-12)
+    # the dispatch's math backend asked for by name stays SDPA's math backend under the mode
+    from distill_mixins.parallel.attention import attention
+
+    calls = count_explicit_sdpa(monkeypatch)
+    velocity_jvp(lambda x, t: attention(x * t.cos().view(-1, 1, 1, 1), k, v, backend="math"), q, t, dxdt)
+    assert not calls
 
 
 def test_jvp_through_a_tiny_diffusers_wan_host(monkeypatch):

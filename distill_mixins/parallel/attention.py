@@ -42,7 +42,7 @@ from loguru import logger
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distill_mixins.parallel.explicit_attention import explicit_attention
+from distill_mixins.parallel.explicit_attention import explicit_attention, sdpa_as_called
 
 ATTENTION_BACKENDS = ("auto", "flash3", "flash2", "sdpa", "math", "explicit")
 """What a user may ask for; ``auto`` resolves to one of the others."""
@@ -253,7 +253,7 @@ def attention(
     if choice == "explicit":
         out = explicit_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
     elif choice == "math":
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), sdpa_as_called():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)

@@ -15,6 +15,9 @@ same rule; calls it cannot take (dropout, grouped-query attention) run as called
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,7 +26,21 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExplicitSDPA", "explicit_attention"]
+__all__ = ["ExplicitSDPA", "explicit_attention", "sdpa_as_called"]
+
+_as_called = threading.local()
+
+
+@contextmanager
+def sdpa_as_called() -> Iterator[None]:
+    """SDPA calls inside run as called even under :class:`ExplicitSDPA` (the attention dispatch's ``math`` backend,
+    asked for by name, stays SDPA's math backend)."""
+    previous = getattr(_as_called, "on", False)
+    _as_called.on = True
+    try:
+        yield
+    finally:
+        _as_called.on = previous
 
 
 class _Attention(torch.autograd.Function):
@@ -107,7 +124,7 @@ class ExplicitSDPA(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
-        if func is not F.scaled_dot_product_attention:
+        if func is not F.scaled_dot_product_attention or getattr(_as_called, "on", False):
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         call = {**dict(zip(names, args, strict=False)), **kwargs}
