@@ -8,12 +8,14 @@ blocks) and a fixed batch, prints the median wall time (``--reps`` interleaved r
   dispatch's explicit attention with its forward rule), with CFG (w = 6, two teacher passes) and without (w = 1),
   and with CFG through SDPA's math backend instead (what the dispatch ran before the explicit rule);
 - the same with the finite-difference fallback (two extra student forwards instead of the JVP);
-- the JVP alone (explicit rule; SDPA's math backend) and one forward alone, for reference;
+- the JVP alone (explicit rules; without the linear / LayerNorm rules of :mod:`~distill_mixins.parallel.explicit_rules`,
+  i.e. PyTorch's own derivatives there; SDPA's math backend) and one forward alone, for reference;
 
 each as a ratio to the plain step (goal: sCM with the JVP <= 2.6x). An sCM step runs the teacher (1 or 2 forwards),
 the student's JVP (a forward with tangents, no graph) and the student's forward + backward.
 
     python benchmarks/scm_step.py [--device cpu|cuda] [--batch 4] [--dim 128] [--depth 4] [--reps 5] [--threads N]
+        [--malloc tuned|default]
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
+import distill_mixins.methods.scm as scm_module
 from distill_mixins import OptimizerConfig, SCMConfig, SCMMixin
+from distill_mixins.allocator import tune_cpu_allocator
 from distill_mixins.methods.scm import velocity_jvp
 from distill_mixins.parallel.attention import set_attention_backend
+from distill_mixins.parallel.explicit_attention import ExplicitSDPA
 from distill_mixins.testing import TinyVideoDiT, ToyHost
 from distill_mixins.trigflow import add_noise
 
@@ -57,7 +63,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc: distill_mixins.allocator's settings (as the CLI runs) or glibc's own")
     args = parser.parse_args()
+    tuned = args.malloc == "tuned" and tune_cpu_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -102,6 +111,12 @@ def main() -> None:
                 set_attention_backend(previous)
         return run
 
+    def without_linear_rules(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with mock.patch.object(scm_module, "ExplicitRules", ExplicitSDPA):  # the attention rule only
+                fn()
+        return run
+
     probe = models["sCM, jvp, no CFG"]
     x_t = torch.randn(shape, generator=g).to(device)
     t = torch.full((args.batch,), 0.8, dtype=torch.float64, device=device)
@@ -118,7 +133,10 @@ def main() -> None:
     fns.update({name: scm_step(model) for name, model in models.items()})
     fns["sCM, jvp via SDPA math, CFG w=6"] = with_math_sdpa(scm_step(build(args, guidance_scale=6.0,
                                                                             derivative="jvp")))
-    fns.update({"student JVP alone (no grad)": jvp_only, "student JVP via SDPA math": with_math_sdpa(jvp_only),
+    fns["sCM, jvp w/o linear+LN rules, CFG"] = without_linear_rules(scm_step(models["sCM, jvp, CFG w=6"]))
+    fns.update({"student JVP alone (no grad)": jvp_only,
+                "student JVP w/o linear+LN rules": without_linear_rules(jvp_only),
+                "student JVP via SDPA math": with_math_sdpa(jvp_only),
                 "student forward alone (no grad)": forward_only})
     times: dict[str, list[float]] = {name: [] for name in fns}
     for rep in range(args.reps + 1):
@@ -135,7 +153,7 @@ def main() -> None:
     base = median["plain diffusion step"]
     params = sum(p.numel() for p in plain.net.parameters())
     print(f"device {device}, CPU capability {torch.backends.cpu.get_cpu_capability()}, threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}")
+          f"{torch.get_num_threads()}, torch {torch.__version__}, glibc malloc {'tuned' if tuned else 'default'}")
     print(f"TinyVideoDiT dim {args.dim}, depth {args.depth}, heads {args.heads} ({params / 1e6:.2f}M params), batch "
           f"{tuple(shape)}, float32, median of {args.reps} interleaved rounds")
     for name, seconds in median.items():

@@ -11,6 +11,7 @@ from typing import Any
 
 from loguru import logger
 
+from distill_mixins.allocator import tune_cpu_allocator
 from distill_mixins.errors import ConfigError, UsageError, config_errors, describe
 from distill_mixins.precision import PRECISIONS
 
@@ -223,6 +224,7 @@ def debug_requested(args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distill-mixins`` command; a user error prints one line on stderr and returns 2."""
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     try:
         PRECHECKS.get(args.command, lambda _: None)(args)
         return args.func(args)

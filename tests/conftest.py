@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distill_mixins import DistillationCoreMixin, DistillConfig
+from distill_mixins.allocator import tune_cpu_allocator
 from distill_mixins.precision import PRECISION_ENV
 
 # The suite runs in float32 on every CPU kind (make test's budget is set in float32): without this, `auto` picks bf16
@@ -21,6 +22,9 @@ from distill_mixins.precision import PRECISION_ENV
 os.environ.setdefault(PRECISION_ENV, "fp32")
 from distill_mixins.testing import MLPDenoiser, ToyHost, mixture_batch, ring_mixture
 from distill_mixins.trigflow import add_noise
+
+# As the `distill-mixins` command does: large blocks stay in the process (distill_mixins/allocator.py).
+tune_cpu_allocator()
 
 SHAPE = (2, 2, 1, 1)
 

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill_mixins.config import DistillConfig, OptimizerConfig, TimeSamplerConfig, check_choice, check_positive
 from distill_mixins.core import DistillationCoreMixin, DistillBatch
-from distill_mixins.parallel.explicit_attention import ExplicitSDPA
+from distill_mixins.parallel.explicit_rules import ExplicitRules
 from distill_mixins.trigflow import HALF_PI, add_noise, expand_time, x0_to_F
 
 DERIVATIVES = ("auto", "jvp", "finite_difference")
@@ -229,13 +229,14 @@ def velocity_jvp(F: Velocity, x_t: Tensor, t: Tensor, dxdt: Tensor) -> tuple[Ten
     """``(F^-, dF) = jvp(F, (x_t, t), (cos t sin t dx_t/dt, cos t sin t))`` without gradient (sCM step 3).
 
     SDPA's fused kernels have no forward derivative: the library's attention dispatch takes its explicit attention
-    by itself, and PyTorch SDPA called by the network directly (diffusers' processors) is sent to the same rule
-    (:class:`~distill_mixins.parallel.explicit_attention.ExplicitSDPA`), or to SDPA's math backend for a call the
-    rule does not take."""
+    by itself, and PyTorch SDPA called by the network directly (diffusers' processors) is sent to the same rule, or
+    to SDPA's math backend for a call the rule does not take; ``F.linear`` and ``F.layer_norm`` run rules that skip
+    the weights' absent tangents (:class:`~distill_mixins.parallel.explicit_rules.ExplicitRules`, one function mode
+    for all three)."""
     cos, sin = _cos_sin(t, x_t)
     tangent_x = (cos * sin * dxdt.double()).to(x_t.dtype)
     tangent_t = (torch.cos(t.double()) * torch.sin(t.double())).to(t.dtype)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ExplicitSDPA():
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ExplicitRules():
         return torch.func.jvp(F, (x_t, t), (tangent_x, tangent_t))
 
 

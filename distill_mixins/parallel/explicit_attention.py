@@ -66,6 +66,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, scale, _ = inputs
         o, p = output
         ctx.scale = scale
+        ctx.set_materialize_grads(False)  # absent tangents arrive as None, not zeros
         ctx.mark_non_differentiable(p)
         ctx.save_for_forward(q, k, v, o, p)
         ctx.save_for_backward(q, k, v, p)
@@ -88,6 +89,8 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do: Tensor, _: Tensor | None) -> tuple[Tensor, Tensor, Tensor, None, None]:  # noqa: ANN001
         q, k, v, p = ctx.saved_tensors
+        if do is None:
+            return None, None, None, None, None
         dv = p.transpose(-2, -1) @ do
         dp = do @ v.transpose(-2, -1)
         ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * ctx.scale
