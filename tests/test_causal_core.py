@@ -83,6 +83,29 @@ def test_cache_store_context_and_overwrite():
     assert cache.cached_frames == [] and cache.checksum() == 0.0
 
 
+def test_cache_buffer_grows_keeps_frames_and_reads_the_prefix_without_a_copy():
+    """Without a window the cache is one buffer grown by doubling: frames stored before a growth keep their values,
+    a context is a view of the buffer (no copy), a store copies (later edits of the caller's tensor do not leak in),
+    another batch needs a clear first."""
+    cache = KVCache(max_frames=8, tokens_per_frame=2)
+    for frame in range(7):  # capacity 1 -> 2 -> 4 -> 8 frames
+        k, v = _kv(1, float(frame + 1))
+        cache.store(frame, k, v)
+        with torch.no_grad():
+            k.fill_(-99.0)  # the cache holds a copy
+    k, v = cache.context(7)
+    assert torch.equal(k[0, 0, :, 0], torch.arange(1, 8).float().repeat_interleave(2)) and torch.equal(v, -k)
+    held = cache.frame(6)[0]
+    assert k.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()  # a view of the buffer
+    with pytest.raises(KeyError, match="frame 7 is not cached"):
+        cache.frame(7)
+    with pytest.raises(ValueError, match="another batch"):
+        cache.store(0, torch.zeros(2, 2, 2, 4), torch.zeros(2, 2, 2, 4))
+    cache.clear()
+    cache.store(0, torch.ones(2, 2, 2, 4), torch.ones(2, 2, 2, 4))  # after a clear: the new batch
+    assert cache.context(1)[0].shape == (2, 2, 2, 4)
+
+
 def test_cache_errors():
     cache = KVCache(max_frames=4, tokens_per_frame=2)
     with pytest.raises(RuntimeError, match="frames 0..2, which are not cached"):

@@ -287,7 +287,7 @@ def test_cache_detached_and_gradient_flows():
     assert out.requires_grad
     for cache in causal_state(host.net).caches.values():
         for frame in cache.cached_frames:
-            assert not any(t.requires_grad for t in cache._frames[frame])
+            assert not any(t.requires_grad for t in cache.frame(frame))
 
 
 # -------------------------------------------------------------------------------- the mask cannot vanish
