@@ -10,7 +10,8 @@ figures). :func:`tune_cpu_allocator` fixes the mmap threshold at 32 MiB (glibc's
 mapped (its resident size keeps its peak).
 
 The ``distill-mixins`` command calls it at start; a Python training loop may call it once. ``DISTILL_MIXINS_MALLOC=
-default`` (or any ``MALLOC_*`` glibc variable set by the user) leaves the allocator alone.
+default``, or the user's own glibc settings of the same thresholds (:data:`USER_VARIABLES`, ``GLIBC_TUNABLES``),
+leave the allocator alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_cpu_allocator"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "USER_VARIABLES", "tune_cpu_allocator", "user_malloc_settings"]
 
 MMAP_THRESHOLD = 32 * 2**20
 """Bytes: blocks up to this size come from the heap (glibc refuses more than 32 MiB on 64-bit systems)."""
@@ -40,6 +41,18 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+"""glibc's environment variables for the same settings; any of them set (or ``GLIBC_TUNABLES`` naming one) wins."""
+
+
+def user_malloc_settings() -> list[str]:
+    """The user's own glibc settings of what :func:`tune_cpu_allocator` would set (environment names)."""
+    named = [name for name in USER_VARIABLES if name in os.environ]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return named + [f"GLIBC_TUNABLES ({key})" for key in ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
+                    if f"glibc.malloc.{key}" in tunables]
+
+
 def tune_cpu_allocator() -> bool:
     """Set glibc's mmap and trim thresholds (module docstring); True when they are set (now or by an earlier call),
     False when the C library is not glibc or the environment opts out."""
@@ -48,7 +61,7 @@ def tune_cpu_allocator() -> bool:
         return True
     if os.environ.get("DISTILL_MIXINS_MALLOC", "tuned") == "default":
         return False
-    if any(key.startswith("MALLOC_") and key.endswith("_") for key in os.environ):
+    if user_malloc_settings():
         return False  # the user's own glibc settings win
     libc = _glibc()
     if libc is None:

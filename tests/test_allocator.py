@@ -41,9 +41,10 @@ print(json.dumps({"tuned": tuned, "mapped": mapped, "faults": faults()}))
 """
 
 
-def _probe(mode: str = "tuned", **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DISTILL_MIXINS_MALLOC"}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env={**clean, **env}, capture_output=True, text=True,
+def _probe(mode: str) -> dict:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("DISTILL_MIXINS_MALLOC", "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=clean, capture_output=True, text=True,
                          check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -57,9 +58,23 @@ def test_tuned_glibc_keeps_freed_large_blocks_instead_of_faulting_them_in_again(
     assert tuned["faults"] < 5 * 16 * 2**20 // 4096 // 4, tuned  # and freed blocks are reused without new faults
 
 
+def _tunes(**env: str) -> bool:
+    """Whether a fresh process with ``env`` (no other malloc settings) tunes the allocator."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("DISTILL_MIXINS_MALLOC", "GLIBC_TUNABLES")}
+    code = "from distill_mixins.allocator import tune_cpu_allocator; print(tune_cpu_allocator())"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="the C library is not glibc (nothing to tune)")
 def test_the_environment_opts_out():
-    assert _probe(DISTILL_MIXINS_MALLOC="default")["tuned"] is False
-    assert _probe(MALLOC_ARENA_MAX_="2")["tuned"] is False  # a user's own glibc setting wins
+    assert _tunes() is True
+    assert _tunes(DISTILL_MIXINS_MALLOC="default") is False
+    assert _tunes(MALLOC_TRIM_THRESHOLD_="131072") is False  # a user's own glibc setting wins
+    assert _tunes(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072") is False
+    assert _tunes(MALLOC_ARENA_MAX="2") is True  # another glibc setting: not ours to respect
 
 
 def test_the_command_tunes_at_start(monkeypatch, capsys):
