@@ -258,6 +258,39 @@ def test_rope_complex_form_equals_the_elementwise_form():
             _close(out, reference.flatten(-2), 1e-14 if dtype == torch.float64 else 1e-6)
 
 
+def test_rope_rotation_derivatives_equal_the_elementwise_forms():
+    """With a graph apply_rope runs the complex product with its own backward (the gradient rotated back) and forward
+    derivative: gradcheck and gradgradcheck in float64 on a strided q, gradients and a JVP equal to the elementwise
+    form's, and jacfwd through it (vmap of the rule)."""
+    from torch.autograd import forward_ad
+    from torch.func import jacfwd, jvp
+
+    qkv = torch.randn(2, 6, 3, 2, 8, dtype=torch.float64)
+    angles = torch.rand(6, 4, dtype=torch.float64) * 6
+    cos, sin = angles.cos(), angles.sin()
+    q = qkv.unbind(2)[0].requires_grad_(True)  # strided, as the attention layers pass it
+    assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos, sin), (q,))
+    assert torch.autograd.gradgradcheck(lambda x: apply_rope(x, cos, sin), (q,))
+
+    def elementwise(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[:, None], sin[:, None]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2)
+
+    weight = torch.randn(2, 6, 2, 8, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((apply_rope(q, cos, sin) * weight).sum(), q)
+    (expected,) = torch.autograd.grad((elementwise(q) * weight).sum(), q)
+    _close(grad, expected, 1e-14)
+    assert "Rotation" in type(apply_rope(q, cos, sin).grad_fn).__name__  # the rule, not the elementwise graph
+    tangent = torch.randn_like(q)
+    with forward_ad.dual_level():  # the rule's jvp (q needs a gradient too)
+        out = apply_rope(forward_ad.make_dual(q, tangent), cos, sin)
+        _close(forward_ad.unpack_dual(out).tangent, elementwise(tangent), 1e-14)
+    _close(jvp(lambda x: apply_rope(x, cos, sin), (q.detach(),), (tangent,))[1], elementwise(tangent), 1e-14)
+    jacobian = jacfwd(lambda x: apply_rope(x, cos, sin))(q.detach()[:1])
+    _close(jacobian, jacfwd(elementwise)(q.detach()[:1]), 1e-14)
+
+
 def test_errors():
     model = _model()
     with pytest.raises(ValueError, match="multiple of the patch size 2"):

@@ -96,20 +96,51 @@ def rope_angles(
     return torch.arange(size, dtype=dtype, device=device)[:, None] * frequencies
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., S, heads, D) with the pairs ``(x[..., 2i], x[..., 2i + 1])`` rotated by the angles of ``cos``, ``sin``
+    (S, D / 2): one complex product."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)[:, None]).flatten(-2)
+
+
+class _Rotation(torch.autograd.Function):
+    """:func:`_rotate` with its derivatives: the gradient is rotated back (``-angle``), a tangent forward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+        ctx.save_for_forward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_dot: Tensor, cos_dot: Any, sin_dot: Any) -> Tensor:
+        cos, sin = ctx.saved_tensors
+        return _rotate(x_dot, cos, sin)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the consecutive pairs ``(x[..., 2i], x[..., 2i + 1])`` of x (B, S, heads, D) by the angles whose
     ``cos`` and ``sin`` are (S, D / 2).
 
-    Without a backward graph through x (sampling, a forward-mode JVP) in float32/float64: one complex product (the
-    same four products and two sums, ~10x faster on CPU); otherwise the elementwise form, whose saved tensors (cos
-    and sin, shared by every call) the activation-memory formula counts."""
-    fast = x.dtype in (torch.float32, torch.float64) and cos.dtype == sin.dtype == x.dtype
-    if fast and not (torch.is_grad_enabled() and x.requires_grad):
-        pairs = x.unflatten(-1, (-1, 2))
-        if pairs.stride(-1) != 1 or any(stride % 2 for stride in pairs.stride()[:-1]):
-            pairs = pairs.contiguous()
-        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)[:, None]
-        return torch.view_as_real(rotated).flatten(-2)
+    In float32/float64 with constant angles: one complex product (the same four products and two sums, ~8x faster
+    on CPU than the elementwise form), with a backward that rotates the gradient back and a forward derivative that
+    rotates the tangent; it saves only ``cos`` and ``sin`` (shared by every call, as the activation-memory formula
+    counts). Otherwise (autocast's mixed dtypes, angles that need a gradient) the elementwise form."""
+    if x.dtype in (torch.float32, torch.float64) and cos.dtype == sin.dtype == x.dtype:
+        if not (cos.requires_grad or sin.requires_grad):
+            return _Rotation.apply(x, cos, sin) if torch.is_grad_enabled() and x.requires_grad else _rotate(x, cos, sin)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None], sin[:, None]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
