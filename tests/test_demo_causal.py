@@ -21,6 +21,7 @@ from distill_mixins.toy.demo_causal import (
     timed_stream,
 )
 from distill_mixins.toy.report_causal import acceptance, format_long_table, format_table
+from distill_mixins.trigflow import student_schedule
 
 
 @pytest.fixture
@@ -36,6 +37,7 @@ def weights(tmp_path) -> str:
     ("kd_lr", 0.0, "CausalDemoConfig.kd_lr=0.0 must be > 0"),
     ("sf_guidance", 0.0, "CausalDemoConfig.sf_guidance=0.0 must be > 0"),
     ("guidance", -1.0, "CausalDemoConfig.guidance=-1.0 must be > 0"),
+    ("student_shift", 0.0, "CausalDemoConfig.student_shift=0.0 must be > 0"),
     ("rollouts", (1,), "CausalDemoConfig.rollouts=(1,): give whole multiples >= 2"),
     ("diversity_clips", 2000, "CausalDemoConfig.diversity_clips=2000 must be <= eval_clips=1024"),
     ("precision", "fp16", "precision"),
@@ -77,6 +79,25 @@ def test_self_forcing_guidance_and_pace_are_its_own(weights):
     sf = pipeline.run_config().stages[1]
     assert (sf.method_config["guidance_scale"], sf.method_config["student_update_freq"]) == (2.0, 5)
     assert pipeline.ode_pairs.kd_data["guidance"] == 3.0  # the ODE pairs keep the teacher's scale
+
+
+def test_the_student_shift_reaches_both_stages_and_the_evaluated_sampler(weights):
+    """One shift for the ODE pairs' path times (the CausalKD stage's student times), Self-Forcing and inference:
+    shift 2 gives the rectified-flow times 1, 6/7, 2/3, 0.4 (tau = s u / (1 + (s - 1) u), u = 1, 3/4, 1/2, 1/4)."""
+    from distill_mixins.config import DistillConfig
+    from distill_mixins.run_config import method_mixin
+
+    config = CausalDemoConfig(teacher_weights=weights, student_shift=2.0)
+    kd, sf = demo_pipeline(config).run_config().stages
+    assert kd.method_config["student_shift"] == sf.method_config["student_shift"] == 2.0
+    assert CausalDemoConfig(teacher_weights=weights).student_shift == DistillConfig().student_shift == 5.0
+    for stage, name in ((kd, "causal_kd"), (sf, "self_forcing")):
+        method = method_mixin(name).config_class(**{k: v for k, v in stage.method_config.items()
+                                                     if k in ("student_shift", "context_noise")})
+        times = student_schedule(method.student_schedule, "rectified_flow", 1.0, shift=method.student_shift)
+        rf = torch.sin(times) / (torch.sin(times) + torch.cos(times))
+        torch.testing.assert_close(rf, torch.tensor([1.0, 6 / 7, 2 / 3, 0.4], dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
 
 
 def test_kd_symmetries_give_causal_kd_the_moved_ode_pairs(weights):

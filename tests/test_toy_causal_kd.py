@@ -36,6 +36,13 @@ def test_the_student_starts_from_the_teachers_weights(dit_teacher, tmp_path):
     teacher, student = model.net_teacher.state_dict(), model.net.state_dict()
     assert teacher.keys() == student.keys() and all(torch.equal(teacher[k], student[k]) for k in teacher)
     assert model.chunk_size == 3 and len(model.student_times()) == 4
+    shifted = causal_kd_model(CausalKDRunConfig.quick(out=str(tmp_path), teacher_weights=str(dit_teacher),
+                                                      student_shift=1.0))  # RF times 1, 3/4, 1/2, 1/4
+    ts = shifted.student_times()
+    torch.testing.assert_close(torch.sin(ts) / (torch.sin(ts) + torch.cos(ts)),
+                               torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="CausalKDRunConfig.student_shift=0.0 must be > 0"):
+        CausalKDRunConfig(teacher_weights=str(dit_teacher), student_shift=0.0)
 
 
 def test_pipeline_runs_and_resumes(dit_teacher, tmp_path):

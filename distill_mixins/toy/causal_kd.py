@@ -72,6 +72,8 @@ class CausalKDRunConfig:
     batch_size: int = 16
     lr: float = 1e-4
     context_noise: float = 0.0
+    student_shift: float = 5.0
+    """Rectified-flow shift of the student's ``cosmos_4step`` times (the ODE pairs' path times too)."""
     symmetries: bool = False
     """Move each pair by a random rotation or reflection of the square world (:mod:`distill_mixins.toy.symmetry`):
     every pair then stands for eight (docs/causal.md)."""
@@ -86,8 +88,9 @@ class CausalKDRunConfig:
                 raise ValueError(f"CausalKDRunConfig.{name}={getattr(self, name)} must be >= 1.")
         if self.iterations < 0:
             raise ValueError(f"CausalKDRunConfig.iterations={self.iterations} must be >= 0.")
-        if not self.lr > 0:
-            raise ValueError(f"CausalKDRunConfig.lr={self.lr} must be > 0.")
+        for name in ("lr", "student_shift"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CausalKDRunConfig.{name}={getattr(self, name)} must be > 0.")
         check_precision(self.precision, "CausalKDRunConfig.precision")
         dit_teacher_file(self.teacher_weights, "CausalKDRunConfig.teacher_weights")
 
@@ -123,7 +126,7 @@ def causal_kd_model(config: CausalKDRunConfig) -> ToyCausalKD:
                          "the transformer teacher (`toy-teacher --arch dit`).")
     optimizer = OptimizerConfig(name="adamw", lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0, grad_clip=1.0)
     distill = CausalKDConfig(student_optimizer=optimizer, ema=EMAConfig(halflife_steps=50.0), seed=config.seed,
-                             context_noise=config.context_noise)
+                             context_noise=config.context_noise, student_shift=config.student_shift)
     return ToyCausalKD(teacher.net, teacher.text_encoder, distill=distill)
 
 

@@ -150,6 +150,7 @@ def register(commands: Any) -> None:
                              ("guidance", float, "CFG scale w"), ("iterations", int, "CausalKD iterations"),
                              ("batch-size", int, "pairs per step"), ("lr", float, "AdamW learning rate"),
                              ("context-noise", float, "TrigFlow time of the clean context frames (0: none)"),
+                             ("student-shift", float, "rectified-flow shift of the students' 4-step schedule"),
                              ("eval-clips", int, "held-out conditions evaluated"), ("seed", int, "seed")):
         causal.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, default=None, help=what)
     causal.add_argument("--symmetries", action="store_true", default=None,
@@ -175,6 +176,7 @@ def register(commands: Any) -> None:
                              ("sf-update-freq", int, "one Self-Forcing student update every N iterations"),
                              ("sf-guidance", float, "Self-Forcing's DMD CFG scale (default: --guidance)"),
                              ("context-noise", float, "TrigFlow time of the clean context frames (0: none)"),
+                             ("student-shift", float, "rectified-flow shift of the students' 4-step schedule"),
                              ("eval-clips", int, "held-out conditions at 8 frames"),
                              ("long-clips", int, "held-out conditions of the long rollouts"), ("seed", int, "seed")):
         demo.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, default=None, help=what)

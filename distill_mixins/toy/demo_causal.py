@@ -96,6 +96,11 @@ class CausalDemoConfig:
     CausalKD student, 2 with ``sf_update_freq=5`` reached the 1.25x FD goal (docs/methods/self_forcing.md)."""
     context_noise: float = 0.0
     """TrigFlow time of the clean context frames in both stages and at inference (0: none)."""
+    student_shift: float = 5.0
+    """Rectified-flow shift of the students' ``cosmos_4step`` times (ODE pairs, both stages, inference); 5: the
+    published Self-Forcing grid (RF times 1, 0.9375, 0.833, 0.625). Shift 1 (1, 0.75, 0.5, 0.25, the toy teacher's
+    own grid) gives this default run a better 8-frame FD (0.40 vs 0.44) and worse long-rollout windows, and the
+    larger run a worse one (0.32-0.33 vs 0.30): docs/methods/self_forcing.md."""
     eval_clips: int = 1024
     diversity_clips: int = 256
     long_clips: int = 256
@@ -118,7 +123,7 @@ class CausalDemoConfig:
         for name in ("kd_iterations", "sf_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CausalDemoConfig.{name}={getattr(self, name)} must be >= 1 (each stage trains).")
-        for name in ("kd_lr", "sf_student_lr", "sf_critic_lr", "guidance"):
+        for name in ("kd_lr", "sf_student_lr", "sf_critic_lr", "guidance", "student_shift"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CausalDemoConfig.{name}={getattr(self, name)} must be > 0.")
         if self.sf_guidance is not None and not self.sf_guidance > 0:
@@ -214,7 +219,7 @@ def demo_pipeline(config: CausalDemoConfig) -> SelfForcingPipeline:
         "causal_kd": {
             "model": model, "model_args": model_args, **kd_data,
             "method_config": {"student_optimizer": _adamw(config.kd_lr, KD_BETAS), "ema": {"halflife_steps": 50.0},
-                              "context_noise": config.context_noise},
+                              "context_noise": config.context_noise, "student_shift": config.student_shift},
             "trainer": trainer(config.kd_iterations, config.kd_batch),
         },
         "self_forcing": {
@@ -226,6 +231,7 @@ def demo_pipeline(config: CausalDemoConfig) -> SelfForcingPipeline:
                 "student_optimizer": _adamw(config.sf_student_lr, SF_BETAS),
                 "critic_optimizer": _adamw(config.sf_critic_lr, SF_BETAS),
                 "ema": {"halflife_steps": 20.0}, "context_noise": config.context_noise,
+                "student_shift": config.student_shift,
             },
             "trainer": trainer(config.sf_iterations, config.sf_batch),
         },
@@ -289,7 +295,8 @@ class Students:
     def __init__(self, config: CausalDemoConfig) -> None:
         from distill_mixins.methods.causal_kd import CausalKDConfig, CausalKDMixin
 
-        self.model = build_model(CausalKDMixin, CausalKDConfig(), str(config.weights)).eval()
+        self.model = build_model(CausalKDMixin, CausalKDConfig(student_shift=config.student_shift),
+                                 str(config.weights)).eval()
         self.nets = {name: self._load(Path(config.out) / name) for name in SAMPLERS[1:]}
         self.renoise = {"causal_kd": "ode", "self_forcing": "fresh"}
         self.context_time = config.context_noise
