@@ -81,7 +81,7 @@ def test_self_forcing_guidance_and_pace_are_its_own(weights):
     assert pipeline.ode_pairs.kd_data["guidance"] == 3.0  # the ODE pairs keep the teacher's scale
 
 
-def test_the_student_shift_reaches_both_stages_and_the_evaluated_sampler(weights):
+def test_the_student_shift_reaches_both_stages_and_the_evaluated_sampler(weights, monkeypatch):
     """One shift for the ODE pairs' path times (the CausalKD stage's student times), Self-Forcing and inference:
     shift 2 gives the rectified-flow times 1, 6/7, 2/3, 0.4 (tau = s u / (1 + (s - 1) u), u = 1, 3/4, 1/2, 1/4)."""
     from distill_mixins.config import DistillConfig
@@ -98,6 +98,12 @@ def test_the_student_shift_reaches_both_stages_and_the_evaluated_sampler(weights
         rf = torch.sin(times) / (torch.sin(times) + torch.cos(times))
         torch.testing.assert_close(rf, torch.tensor([1.0, 6 / 7, 2 / 3, 0.4], dtype=torch.float64),
                                    rtol=0, atol=1e-12)
+    built = []  # the evaluation's model (its student_times drive generate_causal) gets the same shift
+    monkeypatch.setattr("distill_mixins.toy.demo_causal.build_model",
+                        lambda mixin, distill, teacher_weights: built.append(distill) or torch.nn.Identity())
+    monkeypatch.setattr(Students, "_load", lambda self, stage_dir: None)
+    Students(config)
+    assert [d.student_shift for d in built] == [2.0]
 
 
 def test_kd_symmetries_give_causal_kd_the_moved_ode_pairs(weights):
